@@ -1,0 +1,62 @@
+"""Multi-head / grouped-query / multi-query attention with RoPE, causal and packed-segment masks."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmlab.models.config import ModelConfig
+from lmlab.models.layers import constrain, dense_init, dtype, partitioned, rope
+
+
+def attention_mask(segment_ids_BL, causal: bool, kv_segment_ids_BS=None):
+  """True where query l may attend key s: same packed document and, if causal, s <= l."""
+  kv = segment_ids_BL if kv_segment_ids_BS is None else kv_segment_ids_BS
+  mask_BLS = segment_ids_BL[:, :, None] == kv[:, None, :]
+  if causal:
+    L, S = segment_ids_BL.shape[1], kv.shape[1]
+    mask_BLS &= jnp.tril(jnp.ones((L, S), bool), k=S - L)
+  return mask_BLS
+
+
+def einsum_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS):
+  """Plain softmax attention that also returns the weights (for interpretability and as a reference)."""
+  B, L, H, K = q_BLHK.shape
+  G = k_BSGK.shape[2]
+  q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+  logits_BGRLS = jnp.einsum('BLGRK,BSGK->BGRLS', q_BLGRK, k_BSGK, preferred_element_type=jnp.float32)
+  logits_BGRLS = jnp.where(mask_BLS[:, None, None], logits_BGRLS * K**-0.5, jnp.finfo(jnp.float32).min)
+  probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1)
+  out_BLGRK = jnp.einsum('BGRLS,BSGK->BLGRK', probs_BGRLS.astype(v_BSGK.dtype), v_BSGK)
+  return out_BLGRK.reshape(B, L, H, K), probs_BGRLS.reshape(B, H, L, -1)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    c = self.config
+    H, G, K, D = c.num_heads, c.num_kv_heads, c.dims_per_head, c.d_model
+    proj = lambda features, names, name, axis=-1, bias=c.attention_bias: nn.DenseGeneral(
+        features, axis=axis, use_bias=bias, dtype=dtype(c.compute_dtype), param_dtype=dtype(c.param_dtype),
+        kernel_init=partitioned(dense_init(), names), bias_init=partitioned(nn.initializers.zeros, names[-(len(features) if isinstance(features, tuple) else 1):]),
+        name=name)
+    q_BLHK = proj((H, K), ('embed', 'heads', 'head_dim'), 'query')(x_BLD)
+    k_BLGK = proj((G, K), ('embed', 'kv_heads', 'head_dim'), 'key')(x_BLD)
+    v_BLGK = proj((G, K), ('embed', 'kv_heads', 'head_dim'), 'value')(x_BLD)
+    if c.position == 'rope':
+      q_BLHK = rope(q_BLHK, positions_BL, c.rope_base)
+      k_BLGK = rope(k_BLGK, positions_BL, c.rope_base)
+    q_BLHK = constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None))
+    k_BLGK = constrain(k_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
+    v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
+
+    mask_BLS = attention_mask(segment_ids_BL, causal=c.family == 'decoder')
+    if c.attention == 'einsum':
+      out_BLHK, probs_BHLS = einsum_attention(q_BLHK, k_BLGK, v_BLGK, mask_BLS)
+      self.sow('intermediates', 'attention_weights', probs_BHLS)
+    else:
+      impl = None if c.attention == 'auto' else c.attention
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_BLS[:, None],
+                                              implementation=impl)
+    out_BLHK = constrain(out_BLHK, ('act_batch', 'act_length', 'act_heads', None))
+    return proj(D, ('heads', 'head_dim', 'embed'), 'out', axis=(-2, -1), bias=c.out_bias)(out_BLHK)

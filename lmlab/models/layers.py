@@ -1,0 +1,66 @@
+"""Small building blocks shared by every model family: norms, rotary embeddings, dtypes, initialisers."""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmlab.models.config import ModelConfig
+
+Axes = Sequence[str | None]
+
+
+def dtype(name: str):
+  return jnp.dtype(name)
+
+
+def partitioned(init, names: Axes):
+  """An initialiser whose parameter carries logical axis names (for the sharding rules)."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x, names: Axes):
+  """Pins a large activation to its logical sharding (a no-op outside a mesh)."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def dense_init():
+  return nn.initializers.lecun_normal()
+
+
+def embed_init():
+  return nn.initializers.normal(stddev=0.02)
+
+
+class Norm(nn.Module):
+  """RMSNorm (Llama) or LayerNorm (BERT) over the last axis, computed in float32."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    c = self.config
+    x = x_BLD.astype(jnp.float32)
+    scale = self.param('scale', partitioned(nn.initializers.ones, ('embed',)), (x.shape[-1],), dtype(c.param_dtype))
+    if c.norm == 'rms':
+      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * scale
+    elif c.norm == 'layer':
+      bias = self.param('bias', partitioned(nn.initializers.zeros, ('embed',)), (x.shape[-1],), dtype(c.param_dtype))
+      mean = jnp.mean(x, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+      y = (x - mean) * jax.lax.rsqrt(var + c.norm_eps) * scale + bias
+    else:
+      raise ValueError(f'model.norm={c.norm!r} is not one of rms, layer')
+    return y.astype(dtype(c.compute_dtype))
+
+
+def rope(x_BLHK, positions_BL, base: float):
+  """Rotary embedding, Hugging Face half-split layout (rotate_half), angles in float32."""
+  K = x_BLHK.shape[-1]
+  inv_freq_k = 1.0 / (base ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+  angles_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq_k
+  cos_BL1K = jnp.cos(jnp.concatenate([angles_BLk, angles_BLk], -1))[:, :, None, :]
+  sin_BL1K = jnp.sin(jnp.concatenate([angles_BLk, angles_BLk], -1))[:, :, None, :]
+  x = x_BLHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos_BL1K + rotated * sin_BL1K).astype(x_BLHK.dtype)
