@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from lmlab.models.config import ModelConfig
-from lmlab.models.layers import constrain, dense_init, dtype, partitioned, rope
+from lmlab.models.layers import Dense, constrain, rope
 
 
 def attention_mask(segment_ids_BL, causal: bool, kv_segment_ids_BS=None):
@@ -36,13 +36,9 @@ class Attention(nn.Module):
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):
     c = self.config
     H, G, K, D = c.num_heads, c.num_kv_heads, c.dims_per_head, c.d_model
-    proj = lambda features, names, name, axis=-1, bias=c.attention_bias: nn.DenseGeneral(
-        features, axis=axis, use_bias=bias, dtype=dtype(c.compute_dtype), param_dtype=dtype(c.param_dtype),
-        kernel_init=partitioned(dense_init(), names), bias_init=partitioned(nn.initializers.zeros, names[-(len(features) if isinstance(features, tuple) else 1):]),
-        name=name)
-    q_BLHK = proj((H, K), ('embed', 'heads', 'head_dim'), 'query')(x_BLD)
-    k_BLGK = proj((G, K), ('embed', 'kv_heads', 'head_dim'), 'key')(x_BLD)
-    v_BLGK = proj((G, K), ('embed', 'kv_heads', 'head_dim'), 'value')(x_BLD)
+    q_BLHK = Dense((H, K), ('embed', 'heads', 'head_dim'), c, use_bias=c.attention_bias, name='query')(x_BLD)
+    k_BLGK = Dense((G, K), ('embed', 'kv_heads', 'head_dim'), c, use_bias=c.attention_bias, name='key')(x_BLD)
+    v_BLGK = Dense((G, K), ('embed', 'kv_heads', 'head_dim'), c, use_bias=c.attention_bias, name='value')(x_BLD)
     if c.position == 'rope':
       q_BLHK = rope(q_BLHK, positions_BL, c.rope_base)
       k_BLGK = rope(k_BLGK, positions_BL, c.rope_base)
@@ -59,4 +55,4 @@ class Attention(nn.Module):
       out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_BLS[:, None],
                                               implementation=impl)
     out_BLHK = constrain(out_BLHK, ('act_batch', 'act_length', 'act_heads', None))
-    return proj(D, ('heads', 'head_dim', 'embed'), 'out', axis=(-2, -1), bias=c.out_bias)(out_BLHK)
+    return Dense((D,), ('heads', 'head_dim', 'embed'), c, in_axes=2, use_bias=c.out_bias, name='out')(out_BLHK)

@@ -24,8 +24,33 @@ def constrain(x, names: Axes):
   return nn.with_logical_constraint(x, tuple(names))
 
 
-def dense_init():
-  return nn.initializers.lecun_normal()
+class Dense(nn.Module):
+  """x @ W (+ b) contracting the last `in_axes` axes of x into `features`; W carries logical `names`.
+
+  Flax's DenseGeneral flattens the kernel during init, which breaks logically partitioned
+  initialisers under a mesh; this keeps the kernel in its true shape and scales by fan-in.
+  """
+  features: tuple[int, ...]
+  names: Axes
+  config: ModelConfig
+  in_axes: int = 1
+  use_bias: bool = False
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    n_in, n_out = self.in_axes, len(self.features)
+    init = nn.initializers.variance_scaling(self.init_scale, 'fan_in', 'truncated_normal',
+                                            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param('kernel', partitioned(init, self.names), x.shape[x.ndim - n_in:] + tuple(self.features),
+                        dtype(c.param_dtype))
+    y = jnp.tensordot(x.astype(dtype(c.compute_dtype)), kernel.astype(dtype(c.compute_dtype)), axes=n_in)
+    if self.use_bias:
+      bias = self.param('bias', partitioned(nn.initializers.zeros, self.names[n_in:]), tuple(self.features),
+                        dtype(c.param_dtype))
+      y = y + bias.astype(y.dtype)
+    return y
 
 
 def embed_init():

@@ -1,10 +1,9 @@
 """Feed-forward block: SwiGLU (Llama) or GELU (BERT)."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from lmlab.models.config import ModelConfig
-from lmlab.models.layers import constrain, dense_init, dtype, partitioned
+from lmlab.models.layers import Dense, constrain
 
 
 class Mlp(nn.Module):
@@ -14,10 +13,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BLD):
     c = self.config
-    dense = lambda features, names, name: nn.DenseGeneral(
-        features, use_bias=c.out_bias, dtype=dtype(c.compute_dtype), param_dtype=dtype(c.param_dtype),
-        kernel_init=partitioned(dense_init(), names), bias_init=partitioned(nn.initializers.zeros, names[-1:]),
-        name=name)
+    dense = lambda features, names, name: Dense((features,), names, c, use_bias=c.out_bias, name=name)
     if c.mlp == 'swiglu':
       gate_BLF = dense(self.ffn_dim, ('embed', 'mlp'), 'gate')(x_BLD)
       up_BLF = dense(self.ffn_dim, ('embed', 'mlp'), 'up')(x_BLD)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from lmlab.models.attention import Attention
 from lmlab.models.config import ModelConfig
-from lmlab.models.layers import Norm, constrain, dtype, embed_init, partitioned
+from lmlab.models.layers import Dense, Norm, constrain, dtype, embed_init, partitioned
 from lmlab.models.mlp import Mlp
 
 REMAT_POLICIES = {
@@ -81,8 +81,8 @@ class Transformer(nn.Module):
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
     embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=partitioned(embed_init(), ('vocab', 'embed')),
-                     param_dtype=dtype(c.param_dtype), name='embed')
-    x_BLD = embed(tokens_BL).astype(dtype(c.compute_dtype))
+                     dtype=dtype(c.compute_dtype), param_dtype=dtype(c.param_dtype), name='embed')
+    x_BLD = embed(tokens_BL)
     if c.position == 'learned':
       x_BLD += nn.Embed(c.max_len, c.d_model, embedding_init=partitioned(embed_init(), (None, 'embed')),
                         param_dtype=dtype(c.param_dtype), name='pos_embed')(positions_BL).astype(x_BLD.dtype)
@@ -109,10 +109,7 @@ class Transformer(nn.Module):
     if return_hidden:
       return x_BLD, aux
     if c.tie_embeddings:
-      logits_BLV = embed.attend(x_BLD.astype(embed.embedding.dtype).astype(dtype(c.compute_dtype)))
+      logits_BLV = embed.attend(x_BLD)
     else:
-      logits_BLV = nn.DenseGeneral(c.vocab_size, use_bias=False, dtype=dtype(c.compute_dtype),
-                                   param_dtype=dtype(c.param_dtype),
-                                   kernel_init=partitioned(nn.initializers.normal(0.02), ('embed', 'vocab')),
-                                   name='lm_head')(x_BLD)
+      logits_BLV = Dense((c.vocab_size,), ('embed', 'vocab'), c, name='lm_head')(x_BLD)
     return constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab')), aux
