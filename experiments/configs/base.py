@@ -1,0 +1,61 @@
+"""Every experiment key, declared once with its default and meaning; presets override a few.
+
+The model section is generated from lmlab.models.ModelConfig, so the dataclass stays the single
+source of truth for model keys (their comments live there).
+"""
+import dataclasses
+
+import ml_collections
+
+from lmlab.models import ModelConfig
+from lmlab.sharding import DEFAULT_RULES
+
+
+def _config_dict(dataclass_instance) -> ml_collections.ConfigDict:
+  values = {}
+  for field in dataclasses.fields(dataclass_instance):
+    value = getattr(dataclass_instance, field.name)
+    values[field.name] = _config_dict(value) if dataclasses.is_dataclass(value) else value
+  return ml_collections.ConfigDict(values)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # params, dropout and data order
+  c.steps = 1000                  # optimizer steps
+  c.batch_size = 16               # global batch, in sequences
+  c.seq_len = 256                 # tokens per sequence
+  c.microbatches = 1              # gradient accumulation: batch_size is split into this many
+  c.learning_rate = 3e-4          # peak learning rate
+  c.min_lr_ratio = 0.1            # cosine decays to learning_rate * min_lr_ratio
+  c.warmup_steps = 100
+  c.weight_decay = 0.1
+  c.decay_embeddings = False      # apply weight decay to embedding tables too
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.95
+  c.adam_eps = 1e-8
+  c.grad_clip = 1.0               # global-norm clip; 0 disables
+  c.z_loss = 0.0                  # output z-loss weight: z * mean(logsumexp(logits)^2)
+  c.log_every = 10                # steps between train metric rows
+  c.eval_every = 100              # steps between evaluations; 0 disables
+  c.eval_batches = 8              # validation batches per evaluation
+  c.checkpoint_every = 200        # steps between checkpoints; 0 disables
+  c.keep_checkpoints = 3          # newest checkpoints kept
+  c.progress = True               # console progress bar
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                # -1: all devices left over
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.expert = 1
+  c.sharding_rules = [list(rule) for rule in DEFAULT_RULES]  # logical name -> mesh axes
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'stdlib'        # stdlib (offline default corpus)
+  c.data.tokenizer = 'bytes'      # bytes
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.validation_fraction = 0.05  # stdlib: share of files (by path hash) held out
+
+  c.model = _config_dict(ModelConfig())
+  return c
