@@ -1,0 +1,26 @@
+"""Train a model from a config: python -m experiments.train --config=experiments/configs/dense_tiny.py --workdir=DIR."""
+import sys
+
+from absl import flags
+
+from experiments import cli
+
+_CONFIG = cli.define_config_flag('experiments/configs/dense_tiny.py')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Where metrics, plots, checkpoints and the summary go.')
+
+
+def main(argv):
+  del argv
+  from lmlab.train import loop  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
+  try:
+    summary = loop.run(_CONFIG.value, _WORKDIR.value)
+  except FloatingPointError as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(1)
+  print(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f}, '
+        f'bits/byte {summary.get("eval_bits_per_byte", float("nan")):.4f}; results in {summary["workdir"]} '
+        '(summary.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/)')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,89 @@
+"""Metric rows to metrics.jsonl and TensorBoard, and the plots a researcher looks at first."""
+import json
+import os
+
+import numpy as np
+
+
+def flatten(metrics: dict) -> dict:
+  """Scalars stay; per-layer arrays (MoE) become `name/layerN` (vectors become lists)."""
+  flat = {}
+  for name, value in metrics.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      flat[name] = value.item()
+    elif value.ndim == 1:
+      flat[name] = float(value.mean())
+      flat.update({f'{name}/layer{i}': float(v) for i, v in enumerate(value)})
+    else:
+      flat.update({f'{name}/layer{i}': [float(x) for x in row.ravel()] for i, row in enumerate(value)})
+  return flat
+
+
+class MetricsWriter:
+  """Appends JSON rows and TensorBoard scalars; only process 0 writes."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict) -> dict:
+    row = {'step': int(step), **flatten(metrics)}
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+      for name, value in row.items():
+        if name != 'step' and isinstance(value, (int, float)):
+          self.tb.add_scalar(name, value, step)
+    return row
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(rows: list[dict], path: str) -> None:
+  """Train and eval loss against step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for key, label in (('loss', 'train'), ('eval_loss', 'validation')):
+    points = [(r['step'], r[key]) for r in rows if key in r]
+    if points:
+      ax.plot(*zip(*points), label=label, marker='o' if key == 'eval_loss' else None)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats / token)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_expert_load(load_LE: np.ndarray, path: str) -> None:
+  """Heatmap of the share of routed tokens per expert (columns) in each MoE layer (rows)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  load_LE = np.asarray(load_LE)
+  fig, ax = plt.subplots(figsize=(max(4, 0.35 * load_LE.shape[1] + 2), max(2.5, 0.35 * load_LE.shape[0] + 1.5)))
+  image = ax.imshow(load_LE, aspect='auto', cmap='viridis', vmin=0)
+  ax.set_xlabel('expert')
+  ax.set_ylabel('MoE layer')
+  ax.set_title(f'expert load (uniform = {1 / load_LE.shape[1]:.3f})')
+  fig.colorbar(image, ax=ax, label='share of routed tokens')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

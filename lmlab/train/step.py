@@ -1,0 +1,75 @@
+"""The jitted train and eval steps: pure functions of (state, batch)."""
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmlab.train import losses
+from lmlab.train.state import TrainState
+
+
+def _forward(model, params, model_state, batch, rngs=None):
+  return model.apply({'params': params, **model_state}, batch['inputs'], batch['positions'], batch['segment_ids'],
+                     rngs=rngs)
+
+
+def make_train_step(model, tx, schedule, config):
+  """(state, batch) -> (state, metrics); the batch is split into `config.microbatches` for accumulation."""
+  num_micro = config.microbatches
+
+  def loss_fn(params, model_state, micro, rng, num_tokens):
+    logits_BLV, aux = _forward(model, params, model_state, micro, rngs={'dropout': rng, 'jitter': rng})
+    nll_sum, z_sum, _ = losses.token_cross_entropy(logits_BLV, micro['targets'], micro['weights'])
+    # Normalised by the whole batch's token count, so summing microbatch gradients is exact.
+    loss = (nll_sum + config.z_loss * z_sum) / num_tokens + losses.moe_loss(aux) / num_micro
+    return loss, (nll_sum, aux)
+
+  def train_step(state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    num_tokens = jnp.maximum(jnp.sum(batch['weights']), 1.0)
+    # Strided split keeps each device's rows on that device: microbatch i takes rows i, i+m, ...
+    micro_batches = jax.tree.map(lambda x: x.reshape(-1, num_micro, *x.shape[1:]).swapaxes(0, 1), batch)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, micro_and_rng):
+      grads, loss, nll = carry
+      micro, rng_i = micro_and_rng
+      (loss_i, (nll_i, aux)), grads_i = grad_fn(state.params, state.model_state, micro, rng_i, num_tokens)
+      return (jax.tree.map(jnp.add, grads, grads_i), loss + loss_i, nll + nll_i), aux
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    (grads, loss, nll_sum), aux = jax.lax.scan(accumulate, zeros, (micro_batches, jax.random.split(step_rng, num_micro)))
+    aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    model_state = state.model_state
+    if 'router_state' in model_state:
+      from lmlab.models import moe  # pylint: disable=g-import-not-at-top
+      model_state = moe.update_router_state(model_state, aux, model.config.moe)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, model_state=model_state, rng=rng)
+    metrics = {'loss': nll_sum / num_tokens, 'total_loss': loss, 'grad_norm': optax.global_norm(grads),
+               'learning_rate': schedule(state.step), 'tokens': num_tokens,
+               **{f'moe/{k}': v for k, v in aux.items()}}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, token_bytes_V):
+  """(params, model_state, batch) -> summed loss, tokens, correct tokens and target bytes."""
+  token_bytes_V = jnp.asarray(token_bytes_V, jnp.float32)
+
+  def eval_step(params, model_state, batch):
+    logits_BLV, _ = _forward(model, params, model_state, batch)
+    nll_sum, _, correct_sum = losses.token_cross_entropy(logits_BLV, batch['targets'], batch['weights'])
+    return {'nll_sum': nll_sum, 'tokens': jnp.sum(batch['weights']), 'correct': correct_sum,
+            'bytes': jnp.sum(token_bytes_V[batch['targets']] * batch['weights'])}
+
+  return eval_step
+
+
+def summarize_eval(sums) -> dict:
+  """Eval metrics from summed counts: loss (nats/token), perplexity, bits per byte, token accuracy."""
+  loss = sums['nll_sum'] / max(sums['tokens'], 1.0)
+  return {'eval_loss': loss, 'eval_perplexity': float(jnp.exp(loss)),
+          'eval_bits_per_byte': sums['nll_sum'] / (jnp.log(2.0) * max(sums['bytes'], 1.0)),
+          'eval_accuracy': sums['correct'] / max(sums['tokens'], 1.0), 'eval_tokens': sums['tokens']}
