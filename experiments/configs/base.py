@@ -56,6 +56,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.validation_fraction = 0.05  # stdlib: share of files (by path hash) held out
+  c.data.shuffle_window = 1024    # train rows permuted together; a restore re-packs at most this many
 
   c.model = _config_dict(ModelConfig())
   return c

@@ -77,3 +77,12 @@ def check_vocab(model_vocab_size: int, tokenizer) -> None:
     raise ValueError(f'model.vocab_size={model_vocab_size} is smaller than the {tokenizer.name} tokenizer\'s '
                      f'vocabulary of {tokenizer.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} '
                      'or larger')
+
+
+def tokenizer_from_config(data_config, workdir: str | None = None):
+  """The tokenizer `data.tokenizer` names: 'bytes'."""
+  del workdir  # Trained tokenizers will be looked up here.
+  spec = data_config.tokenizer
+  if spec == 'bytes':
+    return ByteTokenizer()
+  raise ValueError(f'unknown data.tokenizer {spec!r}; use bytes')
