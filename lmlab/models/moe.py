@@ -1,0 +1,323 @@
+"""Mixture-of-Experts feed-forward: router, balance and z losses, three dispatch paths, expert parallelism.
+
+Letters: B batch, L length, D d_model, F expert ffn width, E routed (computing) experts, N router slots
+(E routed + zero-computation experts), K experts per token, T tokens, A token copies (T * K), G capacity
+groups, C capacity per expert and group, P expert-parallel shards.
+
+Routing, losses and metrics run in the global SPMD program (so they see every token); only the expert
+computation runs per device inside `jax.shard_map` when a mesh is active, with `all_to_all` over the
+`expert` mesh axis moving tokens to the devices that hold their experts.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from lmlab import sharding
+from lmlab.models.config import ModelConfig, MoeConfig
+from lmlab.models.layers import constrain, dtype, partitioned
+from lmlab.models.mlp import Mlp
+
+ROUTERS = ('softmax', 'sigmoid_bias', 'switch')
+DISPATCHES = ('capacity', 'dropless', 'reference')
+
+
+def num_selected(m: MoeConfig) -> int:
+  """Experts per token: the Switch router always picks one."""
+  return 1 if m.router == 'switch' else m.top_k
+
+
+def route(logits_TN, bias_N, m: MoeConfig):
+  """(choice_TK, weights_TK, probs_TN) from float32 router logits; bias only steers the choice."""
+  K = num_selected(m)
+  if m.router in ('softmax', 'switch'):
+    probs_TN = jax.nn.softmax(logits_TN, axis=-1)
+    weights_TK, choice_TK = jax.lax.top_k(probs_TN, K)
+    if m.router == 'softmax' and m.renormalize:
+      weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
+  elif m.router == 'sigmoid_bias':
+    # DeepSeek-V3: the (non-trainable) bias decides which experts, the un-biased scores how much.
+    scores_TN = jax.nn.sigmoid(logits_TN)
+    _, choice_TK = jax.lax.top_k(scores_TN + jax.lax.stop_gradient(bias_N), K)
+    weights_TK = jnp.take_along_axis(scores_TN, choice_TK, axis=-1)
+    weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
+    probs_TN = scores_TN / jnp.sum(scores_TN, axis=-1, keepdims=True)
+  else:
+    raise ValueError(f'model.moe.router={m.router!r} is not one of {", ".join(ROUTERS)}')
+  return choice_TK, weights_TK, probs_TN
+
+
+def router_metrics(logits_TN, probs_TN, choice_TK, real_T) -> dict:
+  """Balance loss E*sum(f*P) (1.0 at uniform routing for any K), z-loss, load and entropy over real tokens."""
+  N, K = logits_TN.shape[-1], choice_TK.shape[-1]
+  real_T = real_T.astype(jnp.float32)
+  n_real = jnp.maximum(jnp.sum(real_T), 1.0)
+  counts_N = jnp.einsum('TKN,T->N', jax.nn.one_hot(choice_TK, N, dtype=jnp.float32), real_T)
+  load_N = counts_N / (K * n_real)  # f_i: share of the K*T assignments; no gradient (counts)
+  mean_prob_N = jnp.einsum('TN,T->N', probs_TN, real_T) / n_real  # P_i
+  lse_T = jax.nn.logsumexp(logits_TN, axis=-1)
+  entropy_T = -jnp.sum(probs_TN * jnp.log(jnp.maximum(probs_TN, jnp.finfo(jnp.float32).tiny)), axis=-1)
+  return {'aux_loss': N * jnp.sum(load_N * mean_prob_N),
+          'z_loss': jnp.sum(jnp.square(lse_T) * real_T) / n_real,
+          'load': load_N,
+          'router_entropy': jnp.sum(entropy_T * real_T) / n_real}
+
+
+def capacity(m: MoeConfig, group_size: int) -> int:
+  """C = ceil(capacity_factor * K * T / E) slots per expert and group, at most T (a token visits an expert once)."""
+  c = math.ceil(m.capacity_factor * num_selected(m) * group_size / m.num_experts)
+  return max(1, min(c, group_size))
+
+
+def capacity_positions(choice_GTK, valid_GTK, num_experts: int, C: int):
+  """(position_GTK, keep_GTK): slot of each assignment in its expert's buffer; first choices go first (GShard)."""
+  G, T, K = choice_GTK.shape
+  onehot_GTKE = jax.nn.one_hot(jnp.where(valid_GTK, choice_GTK, -1), num_experts, dtype=jnp.int32)
+  onehot_GAE = onehot_GTKE.transpose(0, 2, 1, 3).reshape(G, K * T, num_experts)  # choice-major order
+  position_GAE = jnp.cumsum(onehot_GAE, axis=1) - 1
+  position_GTK = jnp.sum(position_GAE * onehot_GAE, axis=-1).reshape(G, K, T).transpose(0, 2, 1)
+  return position_GTK, valid_GTK & (position_GTK < C)
+
+
+# ---- Expert computation on one device's tokens. `weights` = (wi_gate_EDF, wi_up_EDF, wo_EFD) hold this
+# device's experts (and its slice of F under tensor parallelism, hence the psum over `tp`).
+
+def _capacity_experts(x_GTD, choice_GTK, position_GTK, keep_GTK, weights_GTK, experts, C, ep, tp):
+  """GShard einsum dispatch -> expert SwiGLU -> einsum combine; dropped assignments get zero output."""
+  wi_gate_EDF, wi_up_EDF, wo_EFD = experts
+  E = wi_gate_EDF.shape[0] * _axis_size(ep)
+  cdt = x_GTD.dtype
+  expert_GTKE = jax.nn.one_hot(choice_GTK, E, dtype=jnp.float32) * keep_GTK[..., None]
+  slot_GTKC = jax.nn.one_hot(position_GTK, C, dtype=jnp.float32)
+  dispatch_GTEC = jnp.einsum('GTKE,GTKC->GTEC', expert_GTKE, slot_GTKC).astype(cdt)
+  combine_GTEC = jnp.einsum('GTKE,GTKC,GTK->GTEC', expert_GTKE, slot_GTKC, weights_GTK).astype(cdt)
+  x_GECD = jnp.einsum('GTEC,GTD->GECD', dispatch_GTEC, x_GTD)
+  if ep:  # send expert e's buffers to the device that holds e; receive every group's share of ours
+    x_GECD = jax.lax.all_to_all(x_GECD, ep, 1, 0, tiled=True)
+  h_GECF = jax.nn.silu(jnp.einsum('GECD,EDF->GECF', x_GECD, wi_gate_EDF)) * jnp.einsum(
+      'GECD,EDF->GECF', x_GECD, wi_up_EDF)
+  y_GECD = jnp.einsum('GECF,EFD->GECD', h_GECF, wo_EFD)
+  if tp:
+    y_GECD = jax.lax.psum(y_GECD, tp)
+  if ep:
+    y_GECD = jax.lax.all_to_all(y_GECD, ep, 0, 1, tiled=True)
+  return jnp.einsum('GTEC,GECD->GTD', combine_GTEC, y_GECD)
+
+
+@jax.custom_vjp
+def _permute(x_AD, order_A, inverse_A):
+  """x_AD[order_A] for a permutation; its backward gathers with the inverse instead of scatter-adding."""
+  return x_AD[order_A]
+
+
+def _permute_fwd(x_AD, order_A, inverse_A):
+  return x_AD[order_A], inverse_A
+
+
+def _permute_bwd(inverse_A, g_AD):
+  return g_AD[inverse_A], None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _sort_by_group(group_A):
+  order_A = jnp.argsort(group_A, stable=True)
+  return order_A, jnp.argsort(order_A)
+
+
+def _ragged_swiglu(x_AD, group_sizes_E, experts, tp):
+  """Grouped SwiGLU over rows sorted by expert; rows past sum(group_sizes) come out exactly zero."""
+  wi_gate_EDF, wi_up_EDF, wo_EFD = experts
+  cdt = x_AD.dtype
+  gate_AF = jax.lax.ragged_dot(x_AD, wi_gate_EDF, group_sizes_E, preferred_element_type=cdt)
+  up_AF = jax.lax.ragged_dot(x_AD, wi_up_EDF, group_sizes_E, preferred_element_type=cdt)
+  y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, wo_EFD, group_sizes_E, preferred_element_type=cdt)
+  if tp:
+    y_AD = jax.lax.psum(y_AD, tp)
+  used_A = jnp.arange(x_AD.shape[0]) < jnp.sum(group_sizes_E)
+  return jnp.where(used_A[:, None], y_AD, 0)
+
+
+def _exchange_ragged(xs_AD, expert_sorted_A, counts_E, experts, ep, tp):
+  """Expert-parallel grouped matmul: ship each shard's contiguous run of sorted rows with all_to_all.
+
+  Shapes must be static, so every device sends a full A-row buffer to each of the P shards (worst case:
+  all its tokens chose one shard); this is exact (dropless) at P times the activation memory.
+  """
+  A, D = xs_AD.shape
+  E = counts_E.shape[0]
+  n_shards = _axis_size(ep)
+  El = E // n_shards
+  counts_PE = counts_E.reshape(n_shards, El)
+  send_P = jnp.sum(counts_PE, axis=1)
+  start_P = jnp.cumsum(send_P) - send_P
+  row_A = jnp.arange(A)
+  source_PA = jnp.minimum(start_P[:, None] + row_A, A - 1)
+  send_PAD = jnp.where((row_A < send_P[:, None])[..., None], xs_AD[source_PA], 0)
+  recv_PAD = jax.lax.all_to_all(send_PAD, ep, 0, 0, tiled=True)  # [source shard, row, D]
+  recv_counts_PE = jax.lax.all_to_all(counts_PE, ep, 0, 0, tiled=True)  # source's rows per local expert
+  # Rows from each source arrive sorted by local expert; regroup all sources' rows by local expert.
+  ends_PE = jnp.cumsum(recv_counts_PE, axis=1)
+  local_PA = jax.vmap(lambda ends_E: jnp.searchsorted(ends_E, row_A, side='right'))(ends_PE)  # El: unused row
+  order_M, inverse_M = _sort_by_group(local_PA.reshape(-1))
+  xr_MD = _permute(recv_PAD.reshape(-1, D), order_M, inverse_M)
+  yr_MD = _ragged_swiglu(xr_MD, jnp.sum(recv_counts_PE, axis=0), experts, tp)
+  y_PAD = _permute(yr_MD, inverse_M, order_M).reshape(n_shards, A, D)
+  back_PAD = jax.lax.all_to_all(y_PAD, ep, 0, 0, tiled=True)  # [expert shard, row, D] on the source again
+  shard_A = jnp.minimum(expert_sorted_A // El, n_shards - 1)
+  offset_A = jnp.clip(row_A - start_P[shard_A], 0, A - 1)
+  ys_AD = back_PAD.reshape(-1, D)[shard_A * A + offset_A]
+  return jnp.where((expert_sorted_A < E)[:, None], ys_AD, 0)
+
+
+def _dropless_experts(x_GTD, choice_GTK, valid_GTK, weights_GTK, experts, ep, tp):
+  """Sort token copies by expert, grouped matmul (ragged_dot), unsort and combine; nothing is dropped."""
+  G, T, D = x_GTD.shape
+  K = choice_GTK.shape[-1]
+  E = experts[0].shape[0] * _axis_size(ep)
+  expert_A = jnp.where(valid_GTK, choice_GTK, E).reshape(-1)  # E: not computed (padding, zero expert)
+  order_A, inverse_A = _sort_by_group(expert_A)
+  xs_AD = _permute(jnp.repeat(x_GTD.reshape(G * T, D), K, axis=0), order_A, inverse_A)
+  counts_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
+  if ep:
+    ys_AD = _exchange_ragged(xs_AD, expert_A[order_A], counts_E, experts, ep, tp)
+  else:
+    ys_AD = _ragged_swiglu(xs_AD, counts_E, experts, tp)
+  y_GTKD = _permute(ys_AD, inverse_A, order_A).reshape(G, T, K, D)
+  return jnp.einsum('GTKD,GTK->GTD', y_GTKD.astype(jnp.float32), weights_GTK).astype(x_GTD.dtype)
+
+
+def _reference_experts(x_GTD, choice_GTK, valid_GTK, weights_GTK, experts):
+  """Every expert on every token, weighted: slow and obviously right (the tests' ground truth)."""
+  wi_gate_EDF, wi_up_EDF, wo_EFD = experts
+  out_GTD = jnp.zeros(x_GTD.shape, jnp.float32)
+  for e in range(wi_gate_EDF.shape[0]):
+    h_GTF = jax.nn.silu(x_GTD @ wi_gate_EDF[e]) * (x_GTD @ wi_up_EDF[e])
+    gate_GT = jnp.sum(jnp.where(valid_GTK & (choice_GTK == e), weights_GTK, 0.0), axis=-1)
+    out_GTD += gate_GT[..., None] * (h_GTF @ wo_EFD[e]).astype(jnp.float32)
+  return out_GTD.astype(x_GTD.dtype)
+
+
+# ---- Mesh plumbing.
+
+def _axis_size(axes) -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[a] for a in axes) if axes else 1
+
+
+def _mesh_axes(name: str, mesh) -> tuple:
+  """Mesh axes that the active logical rules (default: lmlab.sharding's) give `name`, present in `mesh`."""
+  rules = nn.get_logical_axis_rules() or sharding.DEFAULT_RULES
+  for rule_name, axes in rules:
+    if rule_name == name:
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+  return ()
+
+
+def _sharded(fn, num_tokens_args: int, num_rows: int, num_experts: int):
+  """Runs fn per device under the context mesh (tokens by batch, experts by `expert`); None without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None  # init and plain single-device calls
+  batch, ep, tp = (_mesh_axes(n, mesh) for n in ('act_batch', 'expert', 'mlp'))
+  n_batch = math.prod(mesh.shape[a] for a in batch)
+  if ep and not set(ep) <= set(batch):
+    raise ValueError(f'expert-parallel mesh axes {ep} must also split the batch (act_batch -> {batch})')
+  if set(tp) & set(batch):
+    raise ValueError(f'mlp mesh axes {tp} must not also split the batch (act_batch -> {batch})')
+  if ep and num_experts % _axis_size(ep):
+    raise ValueError(f'model.moe.num_experts={num_experts} is not divisible by the expert-parallel size '
+                     f'{_axis_size(ep)} (mesh axes {ep})')
+  if num_rows % n_batch:
+    if ep:
+      raise ValueError(f'batch of {num_rows} rows does not split over the {n_batch} data-parallel devices')
+    return None
+  tokens, experts_in, experts_out = P(batch or None), P(ep or None, None, tp or None), P(ep or None, tp or None)
+  return jax.shard_map(lambda *a: fn(*a, ep=ep, tp=tp), out_specs=tokens,
+                       in_specs=(tokens,) * num_tokens_args + ((experts_in, experts_in, experts_out),))
+
+
+class MoeMlp(nn.Module):
+  """Routed SwiGLU experts (+ shared and zero-computation experts); returns (y_BLD, metrics)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL):
+    c, m = self.config, self.config.moe
+    B, L, D = x_BLD.shape
+    E, N, K, F = m.num_experts, m.num_experts + m.zero_experts, num_selected(m), m.expert_ffn_dim or c.ffn_dim
+    if m.dispatch not in DISPATCHES:
+      raise ValueError(f'model.moe.dispatch={m.dispatch!r} is not one of {", ".join(DISPATCHES)}')
+    if not 1 <= K <= N:
+      raise ValueError(f'model.moe.top_k={m.top_k} must be between 1 and the {N} router slots')
+    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
+    fan_in = lambda i, o: nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=i, out_axis=o,
+                                                           batch_axis=0 if i else ())
+    router_DN = self.param('router', partitioned(fan_in(0, 1), ('embed', None)), (D, N), pdt)
+    experts = (self.param('wi_gate', partitioned(fan_in(1, 2), ('expert', 'embed', 'mlp')), (E, D, F), pdt),
+               self.param('wi_up', partitioned(fan_in(1, 2), ('expert', 'embed', 'mlp')), (E, D, F), pdt),
+               self.param('wo', partitioned(fan_in(1, 2), ('expert', 'mlp', 'embed')), (E, F, D), pdt))
+    experts = tuple(w.astype(cdt) for w in experts)
+    if m.router == 'sigmoid_bias':
+      bias_N = self.variable('router_state', 'bias', jnp.zeros, (N,), jnp.float32).value
+    else:
+      bias_N = jnp.zeros((N,), jnp.float32)
+
+    real_BL = segment_ids_BL != 0  # padding is never routed, computed or counted
+    x_router_BLD = x_BLD.astype(jnp.float32)
+    if m.jitter > 0 and self.has_rng('dropout'):  # Switch-style multiplicative noise, training only
+      x_router_BLD *= jax.random.uniform(self.make_rng('dropout'), x_BLD.shape, jnp.float32,
+                                         1.0 - m.jitter, 1.0 + m.jitter)
+    logits_BLN = jnp.einsum('BLD,DN->BLN', x_router_BLD, router_DN.astype(jnp.float32))
+    choice_BLK, weights_BLK, probs_BLN = route(logits_BLN, bias_N, m)
+    weights_BLK = jnp.where(real_BL[..., None], weights_BLK, 0.0)
+    metrics = router_metrics(logits_BLN.reshape(-1, N), probs_BLN.reshape(-1, N), choice_BLK.reshape(-1, K),
+                             real_BL.reshape(-1))
+
+    valid_BLK = real_BL[..., None] & (choice_BLK < E)  # assignments that reach a computing expert
+    x_BLD = x_BLD.astype(cdt)
+    if m.dispatch == 'capacity':  # groups are the batch rows, so sharding the batch changes no drops
+      C = capacity(m, L)
+      position_BLK, keep_BLK = capacity_positions(choice_BLK, valid_BLK, E, C)
+      fn = lambda x, ch, pos, keep, w, experts, ep=(), tp=(): _capacity_experts(x, ch, pos, keep, w, experts, C,
+                                                                                ep, tp)
+      args = (x_BLD, choice_BLK, position_BLK, keep_BLK, weights_BLK)
+    else:
+      keep_BLK = valid_BLK
+      if m.dispatch == 'dropless':
+        fn = lambda x, ch, keep, w, experts, ep=(), tp=(): _dropless_experts(x, ch, keep, w, experts, ep, tp)
+      else:
+        fn = lambda x, ch, keep, w, experts, ep=(), tp=(): _reference_experts(x, ch, keep, w, experts)
+      args = (x_BLD, choice_BLK, keep_BLK, weights_BLK)
+    sharded = None if m.dispatch == 'reference' else _sharded(fn, len(args), B, E)
+    y_BLD = (sharded or fn)(*args, experts)
+
+    n_real = jnp.maximum(jnp.sum(real_BL), 1).astype(jnp.float32)
+    metrics['dropped_fraction'] = jnp.sum(valid_BLK & ~keep_BLK).astype(jnp.float32) / (K * n_real)
+    if m.zero_experts:  # LongCat-Flash: a zero-computation expert returns its input, scaled by its gate
+      zero_gate_BL = jnp.sum(jnp.where(real_BL[..., None] & (choice_BLK >= E), weights_BLK, 0.0), axis=-1)
+      y_BLD += (zero_gate_BL[..., None] * x_BLD.astype(jnp.float32)).astype(y_BLD.dtype)
+    if m.shared_experts:
+      # DeepSeekMoE shared experts: S always-on SwiGLU experts of width F are exactly one SwiGLU of width S*F.
+      y_BLD += Mlp(c, F * m.shared_experts, name='shared')(x_BLD).astype(y_BLD.dtype)
+    y_BLD = jnp.where(real_BL[..., None], y_BLD, 0).astype(cdt)
+    metrics['loss'] = m.aux_loss_weight * metrics['aux_loss'] + m.z_loss_weight * metrics['z_loss']
+    metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+    return constrain(y_BLD, ('act_batch', 'act_length', 'act_embed')), metrics
+
+
+def update_router_state(model_state: dict, aux: dict, moe_config: MoeConfig) -> dict:
+  """Aux-loss-free balancing (DeepSeek-V3): b_i += rate * sign(mean_load - load_i), outside the gradient."""
+  load_XN = jax.lax.stop_gradient(aux['load'])  # X: MoE layers, stacked by the scan like the biases
+  step_XN = moe_config.bias_update_rate * jnp.sign(jnp.mean(load_XN, axis=-1, keepdims=True) - load_XN)
+
+  def update(bias_XN):
+    if bias_XN.shape != step_XN.shape:
+      raise ValueError(f'router bias {bias_XN.shape} does not match the MoE load metric {step_XN.shape}')
+    return bias_XN + step_XN.astype(bias_XN.dtype)
+
+  return {**model_state, 'router_state': jax.tree.map(update, model_state['router_state'])}
