@@ -23,8 +23,8 @@ def _ids(text):
 def _batches(docs, seq_len, batch, **kwargs):
   kwargs = {'seed': 0, 'shuffle': False, 'repeat': False, 'shuffle_window': 4, 'process_index': 0,
             'process_count': 1, **kwargs}
-  return pipeline.batches_from_source(ListSource(docs), ByteTokenizer(), global_batch_size=batch, seq_len=seq_len,
-                                      **kwargs)
+  return pipeline.batches_from_sources([ListSource(docs)], [1.0], ByteTokenizer(), global_batch_size=batch,
+                                       seq_len=seq_len, **kwargs)
 
 
 def _stdlib(split='train', batch=4, seq_len=32, window=8, **kwargs):

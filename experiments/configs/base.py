@@ -51,12 +51,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = [list(rule) for rule in DEFAULT_RULES]  # logical name -> mesh axes
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'stdlib'        # stdlib (offline default corpus)
+  c.data.source = 'stdlib'        # stdlib (offline default corpus) | tfds:NAME[:VERSION] | files:GLOB (.txt,
+                                  # .jsonl, .jsonl.gz; '{split}' in GLOB is replaced by the split name, else
+                                  # documents are split by path hash like stdlib)
+  c.data.mixture = ''             # weighted sources 'SOURCE:WEIGHT,...', e.g. 'stdlib:0.7,files:/d/*.jsonl:0.3':
+                                  # each document's source drawn with these odds; set, it replaces data.source
   c.data.tokenizer = 'bytes'      # bytes
-  c.data.train_split = 'train'
+  c.data.train_split = 'train'    # split names; tfds takes its own (e.g. 'train[:90%]'), stdlib/files train|validation
   c.data.eval_split = 'validation'
-  c.data.validation_fraction = 0.05  # stdlib: share of files (by path hash) held out
+  c.data.validation_fraction = 0.05  # stdlib, files: share of documents (by path hash) held out
+  c.data.text_key = 'text'        # tfds feature / jsonl field holding a document's text
+  c.data.tfds_data_dir = ''       # tfds: where prepared datasets live; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.tfds_download = False    # tfds: download and prepare a missing dataset (needs internet, often TensorFlow)
+  c.data.txt_split_blank_lines = False  # files: each blank-line-separated block of a .txt is a document
+  c.data.on_bad_record = 'error'  # files: malformed jsonl line or missing field: error | skip (counted, logged)
   c.data.shuffle_window = 1024    # train rows permuted together; a restore re-packs at most this many
+  c.data.prefetch = 2             # batches prepared ahead in a background thread; 0 = none
 
   c.model = _config_dict(ModelConfig())
   return c

@@ -11,7 +11,15 @@ Shuffling: document order is a seeded permutation per epoch, and rows are permut
 how many of its rows were taken, so a restore replays at most one window and is exact by
 construction. Every host packs the same global stream and keeps its own rows of each batch: hosts
 then agree on batches without communicating, at the price of tokenizing the whole stream on each.
+
+Mixtures draw each next document's source with seeded uniforms (one per draw, so the state is a count);
+with repeat=False an exhausted source drops out and the rest are renormalised. A background thread
+keeps `data.prefetch` batches ready; the state reported is that of the batches consumed, not prefetched.
 """
+import json
+import queue
+import threading
+
 import jax
 import numpy as np
 
@@ -24,7 +32,7 @@ STATE_VERSION = 1
 class _DocStream:
   """One source's documents, in a fresh seeded order each epoch; the state is (epoch, index)."""
 
-  def __init__(self, source, seed: int, shuffle: bool, repeat: bool):
+  def __init__(self, source, seed: list[int], shuffle: bool, repeat: bool):
     if not len(source):
       raise ValueError(f'data source {source.name} has no documents; check data.source and the split names')
     self.source, self.seed, self.shuffle, self.repeat = source, seed, shuffle, repeat
@@ -40,25 +48,66 @@ class _DocStream:
   def _order_for(self, epoch: int) -> np.ndarray:
     if self._order_epoch != epoch:
       n = len(self.source)
-      self._order = np.random.default_rng([self.seed, 0, epoch]).permutation(n) if self.shuffle else np.arange(n)
+      self._order = np.random.default_rng([*self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
       self._order_epoch = epoch
     return self._order
 
+  def exhausted(self) -> bool:
+    return not self.repeat and self.index == len(self.source)
+
   def next(self) -> str | None:
     """The next document's text, or None once the stream is exhausted (repeat=False)."""
+    if self.exhausted():
+      return None
     if self.index == len(self.source):
-      if not self.repeat:
-        return None
       self.epoch, self.index = self.epoch + 1, 0
     doc = self.source[int(self._order_for(self.epoch)[self.index])]
     self.index += 1
     return doc
 
 
+class _Mixture:
+  """Documents from weighted streams, the source of draw n picked by the n-th seeded uniform."""
+  block = 4096  # Uniforms generated per rng call.
+
+  def __init__(self, streams: list[_DocStream], weights: list[float], seed: int):
+    self.streams, self.weights, self.seed = streams, np.asarray(weights, np.float64), seed
+    self.drawn = 0
+    self._block_index, self._uniforms = None, None
+
+  def get_state(self) -> dict:
+    return {'drawn': self.drawn, 'streams': [s.get_state() for s in self.streams]}
+
+  def set_state(self, state: dict) -> None:
+    if len(state['streams']) != len(self.streams):
+      raise ValueError(f'data state has {len(state["streams"])} sources but the config has {len(self.streams)}; '
+                       'resume with the data.source / data.mixture the checkpoint was written with')
+    self.drawn = state['drawn']
+    for stream, stream_state in zip(self.streams, state['streams']):
+      stream.set_state(stream_state)
+
+  def _uniform(self, n: int) -> float:
+    if self._block_index != n // self.block:
+      self._block_index = n // self.block
+      self._uniforms = np.random.default_rng([self.seed, 2, self._block_index]).random(self.block)
+    return self._uniforms[n % self.block]
+
+  def next(self) -> str | None:
+    if len(self.streams) == 1:
+      return self.streams[0].next()
+    active = np.array([not s.exhausted() for s in self.streams])
+    if not active.any():
+      return None
+    cumulative = np.cumsum(self.weights * active)
+    k = int(np.searchsorted(cumulative, self._uniform(self.drawn) * cumulative[-1], side='right'))
+    self.drawn += 1
+    return self.streams[min(k, int(np.flatnonzero(active)[-1]))].next()
+
+
 class _Packer:
   """Cuts EOS-terminated documents into rows of L+1 tokens; state is (doc cursor, token offset)."""
 
-  def __init__(self, docs: _DocStream, tokenizer, seq_len: int):
+  def __init__(self, docs: _Mixture, tokenizer, seq_len: int):
     self.docs, self.tokenizer, self.seq_len = docs, tokenizer, seq_len
     self._doc_state = docs.get_state()  # Stream state that yields the current document again.
     self._tokens = None                 # Current document's tokens, EOS included.
@@ -161,71 +210,138 @@ class _Rows:
     return self._rows[self.taken - 1]
 
 
-class BatchIterator:
-  """This host's rows of each global batch, as numpy features; get_state/set_state resume exactly."""
+class _Batcher:
+  """Global batches from rows, cut to this host's slice, each with the state right after it."""
 
-  def __init__(self, rows: _Rows, global_batch_size: int, seq_len: int, process_index: int, process_count: int):
-    self._rows, self.seq_len = rows, seq_len
+  def __init__(self, rows: _Rows, sources: list, global_batch_size: int, seq_len: int, process_index: int,
+               process_count: int):
+    self.rows, self.sources, self.seq_len = rows, sources, seq_len
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
-    self._first = process_index * self.local_batch_size
+    self.first = process_index * self.local_batch_size
 
-  def __iter__(self):
-    return self
+  def state(self) -> dict:
+    return json.loads(json.dumps({'version': STATE_VERSION, 'rows': self.rows.get_state()}))
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def next(self) -> tuple[dict[str, np.ndarray], dict]:
     rows = []
-    for _ in range(self.global_batch_size):
-      row = self._rows.next()
-      if row is None:
-        break
+    while len(rows) < self.global_batch_size and (row := self.rows.next()) is not None:
       rows.append(row)
     if not rows:
       raise StopIteration
     empty = (np.zeros(self.seq_len + 1, np.int32), np.zeros(self.seq_len + 1, np.int32))
     rows += [empty] * (self.global_batch_size - len(rows))  # Last batch of a finite stream: weights 0.
-    features = [row_features(*row) for row in rows[self._first:self._first + self.local_batch_size]]
-    return {k: np.stack([f[k] for f in features]) for k in features[0]}
+    features = [row_features(*row) for row in rows[self.first:self.first + self.local_batch_size]]
+    return {k: np.stack([f[k] for f in features]) for k in features[0]}, self.state()
+
+
+def _prefetch_loop(produce, results: queue.Queue, stop: threading.Event) -> None:
+  """Fills `results` with ('ok', value) or one final ('error', exception) until stopped."""
+  while not stop.is_set():
+    try:
+      item = ('ok', produce())
+    except BaseException as error:  # pylint: disable=broad-except  (re-raised in the consumer)
+      item = ('error', error)
+    while not stop.is_set():
+      try:
+        results.put(item, timeout=0.1)
+        break
+      except queue.Full:
+        pass
+    if item[0] == 'error':
+      return
+
+
+class BatchIterator:
+  """This host's rows of each global batch, as numpy features; get_state/set_state resume exactly."""
+
+  def __init__(self, batcher: _Batcher, prefetch: int):
+    self._batcher, self._prefetch = batcher, prefetch
+    self._state = batcher.state()  # After the last batch handed out, not the last one prefetched.
+    self._results = self._stop = self._thread = None
+    self._final_error = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._final_error is not None:
+      raise self._final_error
+    if not self._prefetch:
+      batch, self._state = self._batcher.next()
+      return batch
+    if self._thread is None:
+      self._results, self._stop = queue.Queue(self._prefetch), threading.Event()
+      self._thread = threading.Thread(target=_prefetch_loop, args=(self._batcher.next, self._results, self._stop),
+                                      daemon=True, name='lmlab-data-prefetch')
+      self._thread.start()
+    kind, value = self._results.get()
+    if kind == 'error':
+      self._final_error = value
+      raise value
+    batch, self._state = value
+    return batch
 
   def get_state(self) -> dict:
-    return {'version': STATE_VERSION, 'rows': self._rows.get_state()}
+    return json.loads(json.dumps(self._state))
 
   def set_state(self, state: dict) -> None:
     if state.get('version') != STATE_VERSION:
       raise ValueError(f'data iterator state version {state.get("version")} is not {STATE_VERSION}; '
                        'this checkpoint was written by another lmlab data pipeline, start a fresh data stream')
-    self._rows.set_state(state['rows'])
+    self.close()
+    self._batcher.rows.set_state(state['rows'])
+    self._state, self._final_error = self._batcher.state(), None
+
+  @property
+  def skipped_records(self) -> int:
+    """Bad records skipped so far under data.on_bad_record=skip (counted as read, prefetch included)."""
+    return sum(getattr(source, 'skipped', 0) for source in self._batcher.sources)
+
+  def close(self) -> None:
+    """Stops the prefetch thread (waiting for it, so nothing else touches the pipeline afterwards)."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._results = self._stop = self._thread = None
+
+  def __del__(self):
+    if self._stop is not None:
+      self._stop.set()
 
 
 def make_batches(data_config, tokenizer, *, split: str, global_batch_size: int, seq_len: int, seed: int,
                  shuffle: bool = True, repeat: bool = True,
                  process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
   """Batches of one split of `data_config`'s source(s); each host gets its own rows of every batch."""
-  source = sources_lib.make_source(data_config.source, data_config, split)
-  return batches_from_source(source, tokenizer, global_batch_size=global_batch_size, seq_len=seq_len, seed=seed,
-                             shuffle=shuffle, repeat=repeat, shuffle_window=data_config.shuffle_window,
-                             process_index=process_index, process_count=process_count)
+  specs, weights = zip(*sources_lib.parse_mixture(data_config))
+  sources = [sources_lib.make_source(spec, data_config, split) for spec in specs]
+  return batches_from_sources(sources, weights, tokenizer, global_batch_size=global_batch_size, seq_len=seq_len,
+                              seed=seed, shuffle=shuffle, repeat=repeat, shuffle_window=data_config.shuffle_window,
+                              prefetch=data_config.prefetch, process_index=process_index,
+                              process_count=process_count)
 
 
-def batches_from_source(source, tokenizer, *, global_batch_size: int, seq_len: int, seed: int, shuffle: bool,
-                        repeat: bool, shuffle_window: int, process_index: int | None = None,
-                        process_count: int | None = None) -> BatchIterator:
-  """make_batches for an already built source (any `len` + `[i] -> str` sequence with a `name`)."""
+def batches_from_sources(sources: list, weights: list[float], tokenizer, *, global_batch_size: int, seq_len: int,
+                         seed: int, shuffle: bool, repeat: bool, shuffle_window: int, prefetch: int = 0,
+                         process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
+  """make_batches for already built sources (each `len` + `[i] -> str` with a `name`), mixed by weight."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
     raise ValueError(f'global batch size {global_batch_size} is not divisible by the {process_count} processes; '
                      f'use a multiple of {process_count}')
-  docs = _DocStream(source, seed, shuffle, repeat)
-  rows = _Rows(_Packer(docs, tokenizer, seq_len), shuffle_window, seed, shuffle)
-  return BatchIterator(rows, global_batch_size, seq_len, process_index, process_count)
+  streams = [_DocStream(source, [seed, 0, k], shuffle, repeat) for k, source in enumerate(sources)]
+  rows = _Rows(_Packer(_Mixture(streams, weights, seed), tokenizer, seq_len), shuffle_window, seed, shuffle)
+  return BatchIterator(_Batcher(rows, sources, global_batch_size, seq_len, process_index, process_count), prefetch)
 
 
 def corpus_fingerprint(data_config) -> dict:
   """Identity of the corpus behind `data_config` (file count, bytes, content hash) for run metadata."""
-  if data_config.source == 'stdlib':
-    return sources_lib.stdlib_fingerprint()
-  return {'source': data_config.source}
+  pairs = sources_lib.parse_mixture(data_config)
+  if len(pairs) == 1:
+    return sources_lib.fingerprint(pairs[0][0], data_config)
+  return {'mixture': [{**sources_lib.fingerprint(spec, data_config), 'weight': w} for spec, w in pairs]}
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
