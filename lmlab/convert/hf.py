@@ -267,13 +267,13 @@ def save_tokenizer(tokenizer, path: str, config: ModelConfig) -> None:
 
 # ---------------------------------------------------------------- directories
 
-def load_hf(path: str, moe_entries=None):
+def load_hf(path: str):
   """(ModelConfig, params, tokenizer) from a Hugging Face directory."""
   with open(os.path.join(path, 'config.json')) as f:
     hf = json.load(f)
   config = config_from_hf(hf)
   weights = SafetensorsDir(path)
-  params = mapping.params_from_hf(config, weights.get, weights.has, moe_entries)
+  params = mapping.params_from_hf(config, weights.get, weights.has)
   unused = weights.unused()
   if unused:
     logging.warning('%d tensors in %s have no place in lmlab\'s %s and were left out, e.g. %s', len(unused), path,
@@ -281,11 +281,11 @@ def load_hf(path: str, moe_entries=None):
   return config, params, load_tokenizer(path, hf)
 
 
-def save_hf(path: str, config: ModelConfig, params, tokenizer=None, moe_entries=None) -> None:
+def save_hf(path: str, config: ModelConfig, params, tokenizer=None) -> None:
   """A Hugging Face directory (config.json, model.safetensors, tokenizer files) for `params`."""
   os.makedirs(path, exist_ok=True)
   hf = config_to_hf(config, tokenizer)
-  tensors = mapping.params_to_hf(config, params, moe_entries)
+  tensors = mapping.params_to_hf(config, params)
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2)
   save_safetensors(tensors, os.path.join(path, 'model.safetensors'))

@@ -5,7 +5,6 @@ Hugging Face linear weights are [out, in]; lmlab kernels are [in..., out...] in 
 into Hugging Face names first (gguf.py), so every format shares these tables.
 """
 import dataclasses
-import re
 from typing import Callable
 
 import numpy as np
@@ -109,16 +108,55 @@ def pooler_entries(c: ModelConfig) -> list[Entry]:
           Entry(('pooler', 'bias'), 'pooler.dense.bias', (D,))]
 
 
-def layer_entries(c: ModelConfig, block: int, moe_entries: Callable | None = None) -> tuple[str, list[Entry]]:
-  """(HF name prefix with `{i}` for the layer index, entries) of block `block` in each scanned group."""
+def layer_entries(c: ModelConfig, block: int) -> tuple[str, list[Entry]]:
+  """(HF name prefix with `{i}` for the layer index, entries) of block `block` in each scanned group.
+
+  A MoE block's experts are not single tensors in HF files; moe_from_hf / moe_to_hf handle them.
+  """
   if c.family == 'encoder':
     return 'encoder.layer.{i}.', _encoder_layer(c)
-  use_moe = c.is_moe and block == c.layers_per_group - 1
-  if use_moe:
-    if moe_entries is None:
-      raise ValueError('this model has MoE layers but no MoE weight mapping was given')
-    return 'model.layers.{i}.', _decoder_layer(c) + moe_entries(c)
+  if is_moe_block(c, block):
+    return 'model.layers.{i}.', _decoder_layer(c)
   return 'model.layers.{i}.', _decoder_layer(c) + _dense_mlp(c)
+
+
+def is_moe_block(c: ModelConfig, block: int) -> bool:
+  return c.is_moe and block == c.layers_per_group - 1
+
+
+def moe_from_hf(c: ModelConfig, prefix: str, get, has) -> dict:
+  """lmlab `moe` params of one layer from Mixtral tensors: per-expert w1/w3/w2 files or transformers-5 fused ones."""
+  E = c.moe.num_experts
+  if has(prefix + 'block_sparse_moe.gate.weight'):
+    p = prefix + 'block_sparse_moe.'
+    router_ED = get(p + 'gate.weight')
+    gate_EFD = np.stack([get(f'{p}experts.{j}.w1.weight') for j in range(E)])
+    up_EFD = np.stack([get(f'{p}experts.{j}.w3.weight') for j in range(E)])
+    down_EDF = np.stack([get(f'{p}experts.{j}.w2.weight') for j in range(E)])
+  else:  # transformers >= 5 in-memory layout: gate and up concatenated along the ffn axis
+    p = prefix + 'mlp.'
+    router_ED = get(p + 'gate.weight')
+    gate_EFD, up_EFD = np.split(get(p + 'experts.gate_up_proj'), 2, axis=1)
+    down_EDF = get(p + 'experts.down_proj')
+  if router_ED.shape[0] != E:
+    raise ValueError(f'{p}gate.weight routes to {router_ED.shape[0]} experts; config.json says {E}')
+  t = lambda w: np.ascontiguousarray(np.swapaxes(w, -1, -2), dtype=np.float32)
+  return {'router': t(router_ED), 'wi_gate': t(gate_EFD), 'wi_up': t(up_EFD), 'wo': t(down_EDF)}
+
+
+def moe_to_hf(c: ModelConfig, prefix: str, moe: dict) -> dict:
+  """Mixtral per-expert tensors (the layout on the Hub, which transformers 5 fuses on load)."""
+  m = c.moe
+  if m.shared_experts or m.zero_experts or m.router != 'softmax':
+    raise ValueError('only Mixtral-shaped MoE (softmax router, no shared or zero experts) exports to Hugging Face')
+  t = lambda w: np.ascontiguousarray(np.swapaxes(np.asarray(w, np.float32), -1, -2))
+  p = prefix + 'block_sparse_moe.'
+  out = {p + 'gate.weight': t(moe['router'])}
+  for j in range(m.num_experts):
+    out[f'{p}experts.{j}.w1.weight'] = t(moe['wi_gate'][j])
+    out[f'{p}experts.{j}.w3.weight'] = t(moe['wi_up'][j])
+    out[f'{p}experts.{j}.w2.weight'] = t(moe['wo'][j])
+  return out
 
 
 def layer_index(c: ModelConfig, group: int, block: int) -> int:
@@ -146,11 +184,8 @@ def has_path(tree: dict, path: tuple[str, ...]) -> bool:
   return True
 
 
-LAYER_RE = re.compile(r'\.(\d+)\.')
 
-
-def params_from_hf(c: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[[str], bool],
-                   moe_entries: Callable | None = None) -> dict:
+def params_from_hf(c: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[[str], bool]) -> dict:
   """lmlab params (nested dict of float32 numpy) from a tensor getter keyed by HF names."""
   params = {}
   for entry in top_entries(c):
@@ -160,14 +195,17 @@ def params_from_hf(c: ModelConfig, get: Callable[[str], np.ndarray], has: Callab
       set_path(params, entry.path, entry.to_lmlab(get(entry.hf)))
   groups = c.num_layers // c.layers_per_group
   for block in range(c.layers_per_group):
-    prefix, entries = layer_entries(c, block, moe_entries)
+    prefix, entries = layer_entries(c, block)
     for entry in entries:
       stacked = [entry.to_lmlab(get(prefix.format(i=layer_index(c, g, block)) + entry.hf)) for g in range(groups)]
       set_path(params, ('layers', f'block_{block}') + entry.path, np.stack(stacked))
+    if is_moe_block(c, block):
+      moes = [moe_from_hf(c, prefix.format(i=layer_index(c, g, block)), get, has) for g in range(groups)]
+      params['layers'][f'block_{block}']['moe'] = {k: np.stack([m[k] for m in moes]) for k in moes[0]}
   return params
 
 
-def params_to_hf(c: ModelConfig, params: dict, moe_entries: Callable | None = None) -> dict[str, np.ndarray]:
+def params_to_hf(c: ModelConfig, params: dict) -> dict[str, np.ndarray]:
   """HF-named float32 tensors from lmlab params (the inverse of params_from_hf)."""
   params = to_numpy(params)
   out = {}
@@ -178,11 +216,15 @@ def params_to_hf(c: ModelConfig, params: dict, moe_entries: Callable | None = No
       out[entry.hf] = entry.to_hf(get_path(params, entry.path))
   groups = c.num_layers // c.layers_per_group
   for block in range(c.layers_per_group):
-    prefix, entries = layer_entries(c, block, moe_entries)
+    prefix, entries = layer_entries(c, block)
     for entry in entries:
       stacked = get_path(params, ('layers', f'block_{block}') + entry.path)
       for g in range(groups):
         out[prefix.format(i=layer_index(c, g, block)) + entry.hf] = entry.to_hf(stacked[g])
+    if is_moe_block(c, block):
+      moe = params['layers'][f'block_{block}']['moe']
+      for g in range(groups):
+        out.update(moe_to_hf(c, prefix.format(i=layer_index(c, g, block)), {k: v[g] for k, v in moe.items()}))
   return out
 
 
