@@ -234,3 +234,14 @@ def to_numpy(tree):
     return {k: to_numpy(v) for k, v in tree.items()}
   value = getattr(tree, 'value', tree)  # flax Partitioned boxes
   return np.asarray(value, np.float32)
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a/b/c': array} view of a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{key}/'))
+    else:
+      out[prefix + key] = value
+  return out
