@@ -56,7 +56,8 @@ def get_base_config() -> ml_collections.ConfigDict:
                                   # documents are split by path hash like stdlib)
   c.data.mixture = ''             # weighted sources 'SOURCE:WEIGHT,...', e.g. 'stdlib:0.7,files:/d/*.jsonl:0.3':
                                   # each document's source drawn with these odds; set, it replaces data.source
-  c.data.tokenizer = 'bytes'      # bytes
+  c.data.tokenizer = 'bytes'      # bytes | hf:PATH/tokenizer.json | spm:PATH.model | bpe:VOCAB_SIZE (byte-level
+                                  # BPE trained on the train split on first use, kept as WORKDIR/tokenizer.json)
   c.data.train_split = 'train'    # split names; tfds takes its own (e.g. 'train[:90%]'), stdlib/files train|validation
   c.data.eval_split = 'validation'
   c.data.validation_fraction = 0.05  # stdlib, files: share of documents (by path hash) held out
