@@ -2,6 +2,8 @@
 import collections
 import gzip
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -27,14 +29,14 @@ def _all_docs(source):
 
 
 def test_files_txt_one_document_per_file_or_per_block(tmp_path):
-  (tmp_path / 'a.txt').write_text('first\n\nsecond block\n  \nthird')
+  (tmp_path / 'a.txt').write_text('first\n\nsecond block\n  \n\n\nthird')
   (tmp_path / 'b.txt').write_text('other file')
   c = _config(validation_fraction=0.0)
   whole = sources.make_source(f'files:{tmp_path}/*.txt', c, 'train')
-  assert sorted(_all_docs(whole)) == ['first\n\nsecond block\n  \nthird', 'other file']
+  assert sorted(_all_docs(whole)) == ['first\n\nsecond block\n  \n\n\nthird', 'other file']
   c.txt_split_blank_lines = True
   blocks = sources.make_source(f'files:{tmp_path}/*.txt', c, 'train')
-  assert sorted(d.strip() for d in _all_docs(blocks)) == ['first', 'other file', 'second block', 'third']
+  assert sorted(_all_docs(blocks)) == ['first', 'other file', 'second block', 'third']
 
 
 def test_files_jsonl_and_gz_with_split_placeholder(tmp_path):
@@ -169,3 +171,36 @@ def test_tfds_not_prepared_says_where_and_how(tmp_path):
   with pytest.raises(ValueError, match=f'not prepared in {tmp_path}.*tfds build imdb_reviews '
                                               f'--data_dir={tmp_path}'):
     sources.make_source('tfds:imdb_reviews', _config(tfds_data_dir=str(tmp_path)), 'train')
+
+
+def test_prefetch_thread_forwards_errors_and_stops_when_dropped(tmp_path):
+  path = tmp_path / 'bad.jsonl'
+  _write_jsonl(path, [{'text': 'fine'}, '{oops\n'])
+  c = _config(source=f'files:{path}', validation_fraction=0.0, prefetch=2)
+  before = threading.active_count()
+  it = make_batches(c, ByteTokenizer(), split='train', global_batch_size=2, seq_len=8, seed=0, shuffle=False,
+                    process_index=0, process_count=1)
+  with pytest.raises(ValueError, match='bad.jsonl:2'):
+    next(it)
+  with pytest.raises(ValueError, match='bad.jsonl:2'):
+    next(it)
+  c.source, c.validation_fraction = 'stdlib', 0.05
+  for _ in range(3):
+    next(make_batches(c, ByteTokenizer(), split='validation', global_batch_size=2, seq_len=8, seed=0,
+                      shuffle=False, process_index=0, process_count=1))
+  deadline = time.time() + 2
+  while threading.active_count() > before and time.time() < deadline:
+    time.sleep(0.05)
+  assert threading.active_count() == before
+
+
+def test_fingerprints_of_files_and_mixtures(tmp_path):
+  _write_jsonl(tmp_path / 'a.jsonl', [{'text': 'x'}])
+  c = _config(source=f'files:{tmp_path}/*.jsonl')
+  first = pipeline.corpus_fingerprint(c)
+  assert first['files'] == 1 and first['bytes'] == len('{"text": "x"}\n')
+  _write_jsonl(tmp_path / 'a.jsonl', [{'text': 'y'}])
+  assert pipeline.corpus_fingerprint(c)['sha256'] != first['sha256']
+  c.mixture = f'stdlib:1,files:{tmp_path}/*.jsonl:3'
+  mixture = pipeline.corpus_fingerprint(c)['mixture']
+  assert [m['source'] for m in mixture] == ['stdlib', f'files:{tmp_path}/*.jsonl'] and mixture[1]['weight'] == 3

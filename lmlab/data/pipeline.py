@@ -256,10 +256,9 @@ class BatchIterator:
   """This host's rows of each global batch, as numpy features; get_state/set_state resume exactly."""
 
   def __init__(self, batcher: _Batcher, prefetch: int):
-    self._batcher, self._prefetch = batcher, prefetch
-    self._state = batcher.state()  # After the last batch handed out, not the last one prefetched.
     self._results = self._stop = self._thread = None
-    self._final_error = None
+    self._batcher, self._prefetch, self._final_error = batcher, prefetch, None
+    self._state = batcher.state()  # After the last batch handed out, not the last one prefetched.
 
   def __iter__(self):
     return self

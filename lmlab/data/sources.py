@@ -124,15 +124,12 @@ class FilesSource:
     root = _glob_root(pattern)
     self._data, index = [], []
     for file_id, path in enumerate(self.paths):
-      kind = _file_kind(path)
-      data = _read(path)
-      self._data.append(data)
+      self._data.append(_read(path))
       rel = os.path.relpath(path, root).replace(os.sep, '/')
-      for start, end, line in (_blocks(data) if kind == 'txt' and data_config.txt_split_blank_lines
-                               else [(0, len(data), 0)] if kind == 'txt' else _lines(data)):
-        key = rel if kind == 'txt' and not data_config.txt_split_blank_lines else f'{rel}:{line}'
+      for start, end, number in _documents(path, self._data[-1], data_config.txt_split_blank_lines):
+        key = rel if number is None else f'{rel}:{number}'
         if by_split or split_of(key, data_config.validation_fraction) == split:
-          index.append((file_id, start, end, line))
+          index.append((file_id, start, end, number or 0))
     self._index = np.asarray(index, np.int64).reshape(-1, 4)
 
   def __len__(self) -> int:
@@ -177,6 +174,13 @@ def _read(path: str):
     return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b''
 
 
+def _documents(path: str, data, split_blank_lines: bool) -> list[tuple[int, int, int | None]]:
+  """(start, end, line or block number) of a file's documents; number None for a whole-file document."""
+  if _file_kind(path) == 'jsonl':
+    return _lines(data)
+  return _blocks(data) if split_blank_lines else [(0, len(data), None)]
+
+
 def _lines(data) -> list[tuple[int, int, int]]:
   """(start, end, 1-based line number) of each non-blank line."""
   ends = np.flatnonzero(np.frombuffer(data, np.uint8) == ord('\n')) if len(data) else np.zeros(0, np.int64)
@@ -187,7 +191,7 @@ def _lines(data) -> list[tuple[int, int, int]]:
 
 def _blocks(data) -> list[tuple[int, int, int]]:
   """(start, end, block number) of each blank-line-separated block with text in it."""
-  bounds = [0] + [x for m in re.finditer(rb'\n[ \t\r\f\v]*\n', data) for x in m.span()] + [len(data)]
+  bounds = [0] + [x for m in re.finditer(rb'\n(?:[ \t\r\f\v]*\n)+', data) for x in m.span()] + [len(data)]
   spans = [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2)]
   return [(s, e, n) for n, (s, e) in enumerate(spans) if data[s:e].strip()]
 
