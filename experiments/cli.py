@@ -1,21 +1,29 @@
 """Shared absl plumbing for the experiment scripts: config flag, one-line errors with exit status 2."""
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+_DEFAULT_CONFIG = []
 
 
 def define_config_flag(default: str | None = None):
-  return config_flags.DEFINE_config_file('config', default, 'Experiment config file (experiments/configs/*.py).',
+  """`--config=FILE` plus `--config.key=value` overrides; `default` is used when --config is absent."""
+  _DEFAULT_CONFIG[:] = [default] if default else []
+  return config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/configs/*.py).',
                                          lock_config=True)
 
 
 def _parse_flags(argv):
   """absl parsing, but a bad flag (unknown key, wrong type) is one line on stderr and exit status 2."""
+  if _DEFAULT_CONFIG and not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    argv = [argv[0], f'--config={_DEFAULT_CONFIG[0]}', *argv[1:]]
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as error:
     message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    if isinstance(error, (KeyError, AttributeError)):
+      message = f'unknown config key {message.strip(chr(34))}'
     print(f'error: {message} (see --helpfull for the flags and experiments/configs/base.py for config keys)',
           file=sys.stderr)
     sys.exit(2)
@@ -24,6 +32,8 @@ def _parse_flags(argv):
 def run(main):
   """app.run with lmlab's flag parser; a ValueError from config checks is a one-line exit 2 as well."""
   def guarded(argv):
+    if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
+      logging.set_verbosity(logging.WARNING)  # Orbax and JAX are chatty at INFO; -v 0 brings it back
     try:
       return main(argv)
     except ValueError as error:

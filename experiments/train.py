@@ -17,8 +17,9 @@ def main(argv):
   except FloatingPointError as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
-  print(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f}, '
-        f'bits/byte {summary.get("eval_bits_per_byte", float("nan")):.4f}; results in {summary["workdir"]} '
+  print(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f} nats/token '
+        f'(unigram entropy {summary["unigram_entropy"]:.4f}), bits/byte {summary.get("eval_bits_per_byte", float("nan")):.4f}; '
+        f'results in {summary["workdir"]} '
         '(summary.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/)')
 
 

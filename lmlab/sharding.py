@@ -80,6 +80,13 @@ def _is_boxed(x):
   return isinstance(x, nn.LogicallyPartitioned)
 
 
+def strip_boxes(tree):
+  """Plain values from a tree of logically-partitioned boxes, without a sharding constraint.
+
+  (Flax's `unbox` constrains under an active mesh, which fails on abstract values)."""
+  return jax.tree.map(lambda x: x.value if _is_boxed(x) else x, tree, is_leaf=_is_boxed)
+
+
 def logical_shardings(boxed_tree, mesh: Mesh, rules):
   """NamedShardings for a tree of (abstract) values boxed with logical names; unboxed leaves replicate."""
   check_rules_cover(boxed_tree, rules)

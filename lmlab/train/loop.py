@@ -1,19 +1,17 @@
 """`run(config, workdir)`: build everything from the config, train, evaluate, checkpoint, report."""
-import contextlib
 import json
 import math
 import os
+import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
 
-from lmlab import sharding
 from lmlab.data import pipeline, tokenizers
-from lmlab.models import Transformer, model_config_from_dict, model_config_to_dict
-from lmlab.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from lmlab.models import model_config_to_dict
+from lmlab.train import build, checkpoint, metrics as metrics_lib, step as step_lib
 
 
 def log(message: str) -> None:
@@ -30,65 +28,50 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    self.model_config = model_config_from_dict(config.model.to_dict())
-    self.mesh = sharding.make_mesh(config.mesh.to_dict())
-    self.rules = sharding.rules_from_config(config.sharding_rules)
-    sharding.check_batch_divides(config.batch_size, self.mesh)
-    if config.batch_size % config.microbatches:
-      raise ValueError(f'batch_size={config.batch_size} is not divisible by microbatches={config.microbatches}')
-    sharding.check_batch_divides(config.batch_size // config.microbatches, self.mesh, 'batch_size / microbatches')
+    self.parts = build.build(config)
     self.tokenizer = tokenizers.tokenizer_from_config(config.data, workdir)
-    tokenizers.check_vocab(self.model_config.vocab_size, self.tokenizer)
-
-    self.model = Transformer(self.model_config, deterministic=self.model_config.dropout == 0)
-    self.eval_model = Transformer(self.model_config, deterministic=True)
-    self.schedule = optim.learning_rate_schedule(config)
-    self.tx = optim.make_optimizer(config)
-    init_args = (self.model, self.tx, config.seed, config.seq_len)
-    self.shardings = state_lib.state_shardings(*init_args, self.mesh, self.rules)
-    self.abstract_state = lambda: state_lib.abstract_state(*init_args, self.shardings)
-    self.create_state = lambda: state_lib.create_train_state(*init_args, self.shardings)
-    batch_sharding = sharding.batch_sharding(self.mesh)
-    replicated = sharding.replicated(self.mesh)
-    self.train_step = jax.jit(step_lib.make_train_step(self.model, self.tx, self.schedule, config),
-                              in_shardings=(self.shardings, batch_sharding), out_shardings=(self.shardings, replicated),
-                              donate_argnums=0)
-    self.eval_step = jax.jit(step_lib.make_eval_step(self.eval_model, self.tokenizer.token_bytes()),
-                             in_shardings=(self.shardings.params, self.shardings.model_state, batch_sharding),
-                             out_shardings=replicated)
+    tokenizers.check_vocab(self.parts.model_config.vocab_size, self.tokenizer)
+    self.eval_step = self.parts.jit_eval_step(self.tokenizer.token_bytes())
     self.batches = lambda split, shuffle: pipeline.make_batches(
         config.data, self.tokenizer, split=split, global_batch_size=config.batch_size, seq_len=config.seq_len,
         seed=config.seed, shuffle=shuffle, process_index=jax.process_index(), process_count=jax.process_count())
     self.checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main)
 
-  def context(self):
-    """Mesh and logical rules in scope while tracing, so activation constraints and shard_map see them."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
-
   def metadata(self) -> dict:
-    return {'model': model_config_to_dict(self.model_config), 'tokenizer': self.tokenizer.to_dict()}
+    return {'model': model_config_to_dict(self.parts.model_config), 'tokenizer': self.tokenizer.to_dict()}
 
   def restore_or_init(self, train_iter):
     step = self.checkpointer.latest_step()
     if step is None:
       log(f'starting from scratch (no checkpoint in {self.checkpointer.directory})')
-      return self.create_state()
-    state, data_state = self.checkpointer.restore(step, self.abstract_state())
+      return self.parts.create_state()
+    state, data_state = self.checkpointer.restore(step, self.parts.abstract_state())
     train_iter.set_state(data_state)
     log(f'resumed from step {step} ({os.path.join(self.checkpointer.directory, str(step))})')
     return state
 
+  def eval_batches(self):
+    eval_iter = self.batches(self.config.data.eval_split, shuffle=False)
+    return [next(eval_iter) for _ in range(self.config.eval_batches)]
+
   def evaluate(self, state) -> dict:
     sums = None
-    eval_iter = self.batches(self.config.data.eval_split, shuffle=False)
-    for _ in range(self.config.eval_batches):
-      out = self.eval_step(state.params, state.model_state, pipeline.to_global(next(eval_iter), self.mesh))
+    for batch in self.eval_batches():
+      out = self.eval_step(state.params, state.model_state, pipeline.to_global(batch, self.parts.mesh))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     return step_lib.summarize_eval(jax.tree.map(float, jax.device_get(sums)))
+
+  def unigram_entropy(self) -> float:
+    """Entropy (nats/token) of the validation targets' own unigram distribution: the loss to beat.
+
+    Fit on the very tokens it is scored on, so it is a lower bound for any unigram model.
+    """
+    counts = np.zeros(self.tokenizer.vocab_size)
+    for batch in self.eval_batches():
+      np.add.at(counts, batch['targets'].ravel(), batch['weights'].ravel())
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
   def save(self, state, train_iter, force=False):
     self.checkpointer.save(int(state.step), state, train_iter.get_state(), json.loads(self.config.to_json()),
@@ -103,15 +86,15 @@ class Trainer:
       with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
         f.write(c.to_json_best_effort(indent=2))
     train_iter = self.batches(c.data.train_split, shuffle=True)
-    with self.context():
+    with self.parts.context():
       state = self.restore_or_init(train_iter)
       first_step = int(state.step)
       progress = _progress(first_step, c.steps, enabled=c.progress and self.is_main)
       tokens_per_step = c.batch_size * c.seq_len
       pending, tick, last_eval = None, time.time(), {}
       for step in range(first_step, c.steps):
-        batch = pipeline.to_global(next(train_iter), self.mesh)
-        state, step_metrics = self.train_step(state, batch)
+        batch = pipeline.to_global(next(train_iter), self.parts.mesh)
+        state, step_metrics = self.parts.train_step(state, batch)
         if pending is not None:  # fetch the previous step's metrics only now: the device never waits on us
           self._report(*pending, progress)
         pending = (step + 1, step_metrics, tick)
@@ -129,7 +112,7 @@ class Trainer:
       if pending is not None:
         self._report(*pending, progress)
       progress.close()
-      if c.checkpoint_every and int(state.step) > first_step:
+      if c.checkpoint_every and self.checkpointer.latest_step() != int(state.step):
         self.save(state, train_iter, force=True)
     self.checkpointer.close()
     return self._finish(state, last_eval, fingerprint, time.time() - start_time)
@@ -150,7 +133,7 @@ class Trainer:
     self.writer.close()
     train_rows = [r for r in rows if 'loss' in r]
     summary = {'step': int(state.step), 'final_train_loss': train_rows[-1]['loss'] if train_rows else None,
-               **last_eval, 'corpus': fingerprint, 'wall_time_s': wall_time,
+               **last_eval, 'unigram_entropy': self.unigram_entropy(), 'corpus': fingerprint, 'wall_time_s': wall_time,
                'num_params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
                'workdir': os.path.abspath(self.workdir)}
     if self.is_main:
@@ -167,7 +150,9 @@ class Trainer:
 
 def _progress(start: int, total: int, enabled: bool):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=start, disable=not enabled, unit='step', dynamic_ncols=True)
+  interactive = sys.stderr.isatty()
+  return tqdm(total=total, initial=start, disable=not enabled, unit='step', dynamic_ncols=True,
+              mininterval=0.1 if interactive else 10.0)
 
 
 def run(config, workdir: str) -> dict:

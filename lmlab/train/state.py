@@ -2,7 +2,6 @@
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,7 +27,7 @@ def _init_fn(model, tx, seed: int, seq_len: int):
     variables = dict(model.init({'params': init_rng, 'dropout': init_rng}, tokens_BL))
     variables.pop('intermediates', None)
     params = variables.pop('params')
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(nn.unbox(params)),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(sharding.strip_boxes(params)),
                       model_state=variables, rng=rng)
   return init
 
@@ -39,7 +38,7 @@ def state_shardings(model, tx, seed: int, seq_len: int, mesh, rules):
   param_shardings = sharding.logical_shardings(boxed.params, mesh, rules)
   model_state_shardings = sharding.logical_shardings(boxed.model_state, mesh, rules)
   replicated = NamedSharding(mesh, P())
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, nn.unbox(boxed.opt_state), param_shardings,
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, sharding.strip_boxes(boxed.opt_state), param_shardings,
                                         transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
                     model_state=model_state_shardings, rng=replicated)
@@ -48,10 +47,10 @@ def state_shardings(model, tx, seed: int, seq_len: int, mesh, rules):
 def create_train_state(model, tx, seed: int, seq_len: int, shardings) -> TrainState:
   """Parameters are born sharded: no full copy ever sits on one device."""
   init = _init_fn(model, tx, seed, seq_len)
-  return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+  return jax.jit(lambda: sharding.strip_boxes(init()), out_shardings=shardings)()
 
 
 def abstract_state(model, tx, seed: int, seq_len: int, shardings) -> TrainState:
   """ShapeDtypeStructs with target shardings: what a checkpoint restore fills in."""
-  shapes = nn.unbox(jax.eval_shape(_init_fn(model, tx, seed, seq_len)))
+  shapes = sharding.strip_boxes(jax.eval_shape(_init_fn(model, tx, seed, seq_len)))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

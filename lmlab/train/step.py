@@ -1,4 +1,6 @@
 """The jitted train and eval steps: pure functions of (state, batch)."""
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,7 +48,7 @@ def make_train_step(model, tx, schedule, config):
       model_state = moe.update_router_state(model_state, aux, model.config.moe)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state, model_state=model_state, rng=rng)
-    metrics = {'loss': nll_sum / num_tokens, 'total_loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': nll_sum / num_tokens, 'total_loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state.step), 'tokens': num_tokens,
                **{f'moe/{k}': v for k, v in aux.items()}}
     return new_state, metrics
@@ -70,6 +72,6 @@ def make_eval_step(model, token_bytes_V):
 def summarize_eval(sums) -> dict:
   """Eval metrics from summed counts: loss (nats/token), perplexity, bits per byte, token accuracy."""
   loss = sums['nll_sum'] / max(sums['tokens'], 1.0)
-  return {'eval_loss': loss, 'eval_perplexity': float(jnp.exp(loss)),
-          'eval_bits_per_byte': sums['nll_sum'] / (jnp.log(2.0) * max(sums['bytes'], 1.0)),
+  return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 700.0)),
+          'eval_bits_per_byte': sums['nll_sum'] / (math.log(2.0) * max(sums['bytes'], 1.0)),
           'eval_accuracy': sums['correct'] / max(sums['tokens'], 1.0), 'eval_tokens': sums['tokens']}

@@ -1,0 +1,155 @@
+"""Training: loss goes down, sharded equals unsharded, accumulation is exact, errors are clear, runs resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import dense_tiny
+from lmlab.train import build, loop, optim, step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = dense_tiny.get_config()
+  c.batch_size, c.seq_len, c.warmup_steps, c.learning_rate = 8, 32, 2, 1e-2
+  c.model.d_model, c.model.num_layers, c.model.ffn_dim = 32, 2, 64
+  c.progress = False
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split('.')
+    for name in path:
+      target = target[name]
+    target[last] = value
+  return c
+
+
+def random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, 259, (config.batch_size, config.seq_len + 1)).astype(np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'segment_ids': np.ones((config.batch_size, config.seq_len), np.int32),
+          'positions': np.tile(np.arange(config.seq_len, dtype=np.int32), (config.batch_size, 1)),
+          'weights': np.ones((config.batch_size, config.seq_len), np.float32)}
+
+
+def run_steps(config, batches, devices=None):
+  parts = build.build(config, devices)
+  with parts.context():
+    state = parts.create_state()
+    losses = []
+    for batch in batches:
+      state, metrics = parts.train_step(state, jax.device_put(batch, jax.sharding.NamedSharding(
+          parts.mesh, jax.sharding.PartitionSpec(('data', 'fsdp', 'expert')))))
+      losses.append(float(metrics['loss']))
+  return losses, jax.device_get(state.params)
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+  config = tiny_config()
+  losses, _ = run_steps(config, [random_batch(config)] * 6, devices=jax.devices()[:1])
+  assert losses[-1] < losses[0] - 0.5, losses
+  assert losses[0] == pytest.approx(math.log(384), rel=0.05)  # untrained: near uniform over the vocab
+
+
+def test_sharded_run_equals_single_device_run():
+  config = tiny_config()
+  batches = [random_batch(config, seed) for seed in range(3)]
+  single, params_1 = run_steps(config, batches, devices=jax.devices()[:1])
+  sharded, params_8 = run_steps(tiny_config(**{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}), batches)
+  np.testing.assert_allclose(sharded, single, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), params_8, params_1)
+
+
+def test_gradient_accumulation_equals_full_batch():
+  config = tiny_config()
+  batches = [random_batch(config, seed) for seed in range(2)]
+  full, params_full = run_steps(config, batches, devices=jax.devices()[:4])
+  accumulated, params_acc = run_steps(tiny_config(microbatches=2), batches, devices=jax.devices()[:4])
+  np.testing.assert_allclose(accumulated, full, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_acc, params_full)
+
+
+def test_parameters_are_sharded_by_their_logical_names():
+  parts = build.build(tiny_config(**{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}))
+  specs = jax.tree.map(lambda s: tuple(s.spec), parts.shardings.params)
+  attn = specs['layers']['block_0']['attn']
+  assert attn['query']['kernel'] == (None, 'fsdp', 'tensor', None)
+  assert attn['out']['kernel'] == (None, 'tensor', None, 'fsdp')
+  assert specs['layers']['block_0']['mlp']['down']['kernel'] == (None, 'tensor', 'fsdp')
+  assert specs['embed']['embedding'] == ('tensor', 'fsdp')
+  assert specs['final_norm']['scale'] == ('fsdp',)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'mesh.data': 3}, 'does not divide the 8 devices'),
+    ({'mesh.data': 2, 'mesh.fsdp': 2}, 'uses 4 of the 8 devices'),
+    ({'batch_size': 12}, 'batch_size=12 is not divisible by the data-parallel size 8'),
+])
+def test_mesh_and_batch_errors_name_the_numbers(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    build.build(tiny_config(**overrides))
+
+
+def test_weight_decay_mask_skips_norms_biases_and_embeddings():
+  params = {'embed': {'embedding': 0}, 'final_norm': {'scale': 0},
+            'layers': {'block_0': {'attn': {'query': {'kernel': 0, 'bias': 0}}}}}
+  mask = optim.decay_mask(params)
+  assert mask == {'embed': {'embedding': False}, 'final_norm': {'scale': False},
+                  'layers': {'block_0': {'attn': {'query': {'kernel': True, 'bias': False}}}}}
+  assert optim.decay_mask(params, decay_embeddings=True)['embed']['embedding'] is True
+
+
+def test_eval_summary_formulas():
+  sums = {'nll_sum': 20.0, 'tokens': 10.0, 'correct': 4.0, 'bytes': 40.0}
+  out = step_lib.summarize_eval(sums)
+  assert out['eval_loss'] == 2.0
+  assert out['eval_perplexity'] == pytest.approx(math.exp(2.0))
+  assert out['eval_bits_per_byte'] == pytest.approx(20.0 / (40.0 * math.log(2)))
+  assert out['eval_accuracy'] == 0.4
+
+
+def test_z_loss_adds_mean_squared_logsumexp():
+  logits = jnp.array([[[0.0, math.log(3.0)]]])
+  nll, z, correct = step_lib.losses.token_cross_entropy(logits, jnp.array([[1]]), jnp.array([[1.0]]))
+  assert float(nll) == pytest.approx(math.log(4.0) - math.log(3.0))
+  assert float(z) == pytest.approx(math.log(4.0) ** 2)
+  assert float(correct) == 1.0
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+  config = tiny_config(steps=20, learning_rate=1e12, grad_clip=0.0, eval_every=0, checkpoint_every=0, log_every=1)
+  with pytest.raises(FloatingPointError, match='loss is (nan|inf) at step'):
+    loop.run(config, str(tmp_path))
+
+
+def test_checkpoint_written_and_resumed(tmp_path, capsys):
+  workdir = str(tmp_path)
+  loop.run(tiny_config(steps=4, checkpoint_every=2, eval_every=4, eval_batches=1, log_every=1), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  assert 'starting from scratch' in capsys.readouterr().out
+  summary = loop.run(tiny_config(steps=6, checkpoint_every=2, eval_every=6, eval_batches=1, log_every=1), workdir)
+  assert 'resumed from step 4' in capsys.readouterr().out
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 3, 4, 5, 6]
+  assert summary['step'] == 6
+  for name in ('summary.json', 'loss.png', 'config.json'):
+    assert os.path.exists(os.path.join(workdir, name))
+  assert any(name.startswith('events') for name in os.listdir(os.path.join(workdir, 'tensorboard')))
+
+
+@pytest.mark.parametrize('flag, message', [('--config.no_such_key=1', 'no_such_key'),
+                                           ('--config.steps=many', 'steps')])
+def test_config_errors_exit_2_with_one_line(flag, message, tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'experiments.train', flag, f'--workdir={tmp_path}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'PYTHONPATH': ROOT})
+  assert result.returncode == 2, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and message in lines[0], result.stderr
