@@ -215,7 +215,8 @@ class TfdsSource:
     self.name, self.text_key = f'tfds:{name}/{split}', data_config.text_key
     data_dir = data_config.tfds_data_dir or None
     try:
-      self.data = tfds.data_source(name, split=split, data_dir=data_dir, download=data_config.tfds_download)
+      self.data = tfds.data_source(name, split=split, data_dir=data_dir, download=data_config.tfds_download,
+                                   builder_kwargs={'file_format': 'array_record'})  # What data_source reads.
     except tfds.core.registered.DatasetNotFoundError as error:
       raise ValueError(f'TFDS has no dataset {name!r}; check data.source (tfds.list_builders() lists them)') from error
     except Exception as error:  # pylint: disable=broad-except  (tfds raises several kinds for "not there")
@@ -223,10 +224,12 @@ class TfdsSource:
       if builder.is_prepared():
         raise
       root = data_dir or tfds.core.constants.DATA_DIR
+      why = (f'downloading it failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})'
+             if data_config.tfds_download else 'data.tfds_download=False')
       raise ValueError(
-          f'TFDS dataset {name} is not prepared in {builder.data_dir} (data_dir {root}) and data.tfds_download='
-          f'{data_config.tfds_download}; prepare it with `tfds build {name.split(":")[0]} --data_dir={root} '
-          '--file_format=array_record` (needs tensorflow-cpu) or set data.tfds_data_dir') from error
+          f'TFDS dataset {name} is not prepared in {builder.data_dir} (data_dir {root}) and {why}; prepare it with '
+          f'`tfds build {name.split(":")[0]} --data_dir={root} --file_format=array_record` (needs tensorflow-cpu) '
+          'or set data.tfds_data_dir') from error
     if len(self.data) and self.text_key not in self.data[0]:
       raise ValueError(f'{self.name} examples have no feature {self.text_key!r} (they have '
                        f'{sorted(self.data[0])}); set data.text_key')
