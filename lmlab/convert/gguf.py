@@ -48,6 +48,8 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _value(field):
   value = field.contents()
+  if isinstance(value, float):  # stored as float32: 1e-5 comes back as 9.99999975e-06; keep the decimal written
+    value = float(np.format_float_positional(np.float32(value), unique=True))
   return value
 
 
