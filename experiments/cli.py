@@ -14,6 +14,12 @@ def define_config_flag(default: str | None = None):
                                          lock_config=True)
 
 
+def config_name() -> str:
+  """The config file this run was launched with (for reports)."""
+  value = flags.FLAGS['config'].config_filename if 'config' in flags.FLAGS else ''
+  return value or (_DEFAULT_CONFIG[0] if _DEFAULT_CONFIG else '')
+
+
 def _parse_flags(argv):
   """absl parsing, but a bad flag (unknown key, wrong type) is one line on stderr and exit status 2."""
   if _DEFAULT_CONFIG and not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
