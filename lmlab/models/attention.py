@@ -29,6 +29,24 @@ def einsum_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS):
   return out_BLGRK.reshape(B, L, H, K), probs_BGRLS.reshape(B, H, L, -1)
 
 
+def fused_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, causal: bool, implementation: str = 'auto',
+                    kv_segment_ids_BS=None):
+  """jax.nn.dot_product_attention; 'auto' is cuDNN flash attention on GPU in 16-bit, XLA elsewhere.
+
+  cuDNN gets causality as its mask type (it then skips the upper triangle) and packed segments as a
+  boolean mask; XLA gets one combined mask.
+  """
+  if implementation == 'auto':
+    half = q_BLHK.dtype in (jnp.bfloat16, jnp.float16)
+    implementation = 'cudnn' if jax.default_backend() == 'gpu' and half else 'xla'
+  if implementation == 'cudnn':
+    segments_B1LS = attention_mask(segment_ids_BL, False, kv_segment_ids_BS)[:, None]
+    return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=segments_B1LS, is_causal=causal,
+                                        implementation='cudnn')
+  mask_B1LS = attention_mask(segment_ids_BL, causal, kv_segment_ids_BS)[:, None]
+  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, implementation=implementation)
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
@@ -46,13 +64,11 @@ class Attention(nn.Module):
     k_BLGK = constrain(k_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
 
-    mask_BLS = attention_mask(segment_ids_BL, causal=c.family == 'decoder')
+    causal = c.family == 'decoder'
     if c.attention == 'einsum':
-      out_BLHK, probs_BHLS = einsum_attention(q_BLHK, k_BLGK, v_BLGK, mask_BLS)
+      out_BLHK, probs_BHLS = einsum_attention(q_BLHK, k_BLGK, v_BLGK, attention_mask(segment_ids_BL, causal))
       self.sow('intermediates', 'attention_weights', probs_BHLS)
     else:
-      impl = None if c.attention == 'auto' else c.attention
-      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_BLS[:, None],
-                                              implementation=impl)
+      out_BLHK = fused_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, c.attention)
     out_BLHK = constrain(out_BLHK, ('act_batch', 'act_length', 'act_heads', None))
     return Dense((D,), ('heads', 'head_dim', 'embed'), c, in_axes=2, use_bias=c.out_bias, name='out')(out_BLHK)
