@@ -66,3 +66,16 @@ def offline_model(package: str) -> str | None:
     return path if os.path.exists(os.path.join(path, 'config.json')) else None
   files = sorted(glob.glob(os.path.join(root, '*.gguf')))
   return files[0] if files else None
+
+
+def byte_level_tokenizer():
+  """An HFTokenizer over the 256 byte-level symbols (no merges) plus <|endoftext|> (id 256) as eos."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from lmlab.data.tokenizers import HFTokenizer  # pylint: disable=g-import-not-at-top
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  tok = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(alphabet + ['<|endoftext|>'])}, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([tokenizers.AddedToken('<|endoftext|>', special=True)])
+  return HFTokenizer(tok, eos_id=256, pad_id=256)
