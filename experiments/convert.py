@@ -16,9 +16,10 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
 def main(argv):
   del argv
   from lmlab import convert  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
+  from lmlab.convert import mapping  # pylint: disable=g-import-not-at-top
   config, params, tokenizer = convert.load_pretrained(_PRETRAINED.value)
   convert.save(_OUT.value, _TO.value, config, params, tokenizer, source=_PRETRAINED.value)
-  count = sum(v.size for v in convert.mapping.flatten(params).values())
+  count = sum(v.size for v in mapping.flatten(params).values())
   print(f'done: {config.family} {config.num_layers} layers, d_model {config.d_model}, {count / 1e6:.1f}M params, '
         f'tokenizer {"none" if tokenizer is None else tokenizer.name}; wrote {_TO.value} to {_OUT.value}')
 

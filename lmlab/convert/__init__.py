@@ -5,7 +5,6 @@ params come back as nested dicts of float32 numpy arrays in lmlab's layout.
 """
 import os
 
-from lmlab.convert import mapping
 from lmlab.convert.gguf import load_gguf
 from lmlab.convert.hf import PICKLE_SUFFIXES, load_hf, refuse_pickle, save_hf
 from lmlab.convert.orbax_io import is_orbax_dir, load_orbax, save_orbax

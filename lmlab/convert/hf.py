@@ -286,6 +286,8 @@ def save_hf(path: str, config: ModelConfig, params, tokenizer=None) -> None:
   os.makedirs(path, exist_ok=True)
   hf = config_to_hf(config, tokenizer)
   tensors = mapping.params_to_hf(config, params)
+  if config.family == 'encoder' and not config.type_vocab_size:  # BertModel always adds a token-type row
+    tensors['embeddings.token_type_embeddings.weight'] = np.zeros((1, config.d_model), np.float32)
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2)
   save_safetensors(tensors, os.path.join(path, 'model.safetensors'))

@@ -41,7 +41,7 @@ class Entry:
 
 
 def _decoder_layer(c: ModelConfig) -> list[Entry]:
-  H, G, K, D, F = c.num_heads, c.num_kv_heads, c.dims_per_head, c.d_model, c.ffn_dim
+  H, G, K, D = c.num_heads, c.num_kv_heads, c.dims_per_head, c.d_model
   e = [Entry(('attn_norm', 'scale'), 'input_layernorm.weight', (D,)),
        Entry(('mlp_norm', 'scale'), 'post_attention_layernorm.weight', (D,))]
   for name, hf, heads in (('query', 'q_proj', H), ('key', 'k_proj', G), ('value', 'v_proj', G)):

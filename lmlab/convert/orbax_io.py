@@ -6,8 +6,6 @@ has one). `load_orbax(DIR)` gives back exactly what `load_pretrained` gave befor
 import json
 import os
 
-import numpy as np
-
 from lmlab.convert import mapping
 from lmlab.models import ModelConfig, model_config_from_dict, model_config_to_dict
 
