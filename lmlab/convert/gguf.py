@@ -1,7 +1,7 @@
-"""GGUF files (llama family): metadata -> ModelConfig, tensors dequantised and renamed to Hugging Face
+"""GGUF files (llama family: llama, qwen2): metadata -> ModelConfig, tensors dequantised and renamed to Hugging Face
 names (so mapping.py's tables apply), llama.cpp's Q/K row permutation undone, tokenizer rebuilt.
 
-llama.cpp's converter permutes the rows of attn_q / attn_k so its RoPE can rotate adjacent pairs
+For llama, llama.cpp's converter permutes the rows of attn_q / attn_k (and their biases) so its RoPE can rotate adjacent pairs
 (x0, x1), (x2, x3)...; lmlab (like Hugging Face) rotates the two halves of each head (rotate_half).
 `unpermute` turns the GGUF rows back into the half-split layout.
 """
@@ -13,7 +13,8 @@ import numpy as np
 from lmlab.convert import mapping, quants
 from lmlab.models import ModelConfig
 
-ARCHITECTURES = ('llama',)
+ARCHITECTURES = ('llama', 'qwen2')
+PERMUTED = ('llama',)  # llama.cpp permutes Q/K only for these (qwen2 runs NEOX-style RoPE, like HF)
 # Hugging Face name (after `model.layers.{i}.`) -> GGUF name (after `blk.{i}.`)
 LAYER_NAMES = {
     'input_layernorm.weight': 'attn_norm.weight', 'post_attention_layernorm.weight': 'ffn_norm.weight',
@@ -104,7 +105,9 @@ class GGUFFile:
       raise ValueError(f'GGUF {self.path} has no metadata key {key}')
     return value
 
-  def gguf_name(self, hf_name: str) -> str:
+  @staticmethod
+  def gguf_name(hf_name: str) -> str:
+    """GGUF tensor name of a Hugging Face llama-layout name."""
     if hf_name in TOP_NAMES:
       return TOP_NAMES[hf_name]
     match = re.fullmatch(r'model\.layers\.(\d+)\.(.+?)(\.weight|\.bias)?', hf_name)
@@ -127,6 +130,8 @@ class GGUFFile:
     self.used.add(name)
     t = self.tensors[name]
     w = quants.dequantize(t.data, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)))
+    if self.arch not in PERMUTED:
+      return w
     if '.attn_q.' in name:
       w = unpermute(w, self._need(f'{self.arch}.attention.head_count'))
     elif '.attn_k.' in name:
