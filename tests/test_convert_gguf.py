@@ -10,7 +10,7 @@ gguf = pytest.importorskip('gguf', reason='the gguf package (pip install gguf) r
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from lmlab import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lmlab.convert import gguf as gguf_io, mapping, quants, testing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lmlab.convert import gguf as gguf_io, gguf_reader, mapping, quants, testing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lmlab.models import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Q = gguf.GGMLQuantizationType
@@ -178,3 +178,22 @@ def test_gguf_mixture_of_experts_refused(tmp_path):
   w.close()
   with pytest.raises(ValueError, match='mixture-of-experts'):
     convert.load_pretrained(str(tmp_path / 'moe.gguf'))
+
+
+def test_own_reader_agrees_with_gguf_py(tmp_path):
+  config = dataclasses.replace(testing.TINY['llama'], vocab_size=288)
+  write_tiny_gguf(tmp_path / 'tiny.gguf', config, mapping.params_to_hf(config, testing.random_params(config)))
+  meta, tensors, data = gguf_reader.read(str(tmp_path / 'tiny.gguf'))
+  reference = gguf.GGUFReader(str(tmp_path / 'tiny.gguf'))
+  for key, field in reference.fields.items():
+    if not key.startswith('GGUF.'):
+      value = field.contents()
+      if isinstance(value, float):  # ours keeps the shortest float32 decimal (1e-5, not 9.99999975e-06)
+        assert np.float32(meta[key]) == np.float32(value), key
+      else:
+        assert meta[key] == value, key
+  for t in reference.tensors:
+    info = tensors[t.name]
+    assert (info.kind, info.shape) == (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape))), t.name
+    np.testing.assert_array_equal(gguf_reader.tensor_bytes(data, info), t.data.reshape(-1).view(np.uint8),
+                                  err_msg=t.name)

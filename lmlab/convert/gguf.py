@@ -1,16 +1,17 @@
-"""GGUF files (llama family: llama, qwen2): metadata -> ModelConfig, tensors dequantised and renamed to Hugging Face
-names (so mapping.py's tables apply), llama.cpp's Q/K row permutation undone, tokenizer rebuilt.
+"""GGUF files of the llama family (llama, qwen2): metadata -> ModelConfig, tensors dequantised and renamed
+to Hugging Face names (so mapping.py's tables apply), Q/K permutation undone, tokenizer rebuilt.
 
-For llama, llama.cpp's converter permutes the rows of attn_q / attn_k (and their biases) so its RoPE can rotate adjacent pairs
-(x0, x1), (x2, x3)...; lmlab (like Hugging Face) rotates the two halves of each head (rotate_half).
-`unpermute` turns the GGUF rows back into the half-split layout.
+For `llama`, llama.cpp's converter permutes the rows of attn_q / attn_k so its RoPE can rotate adjacent
+pairs (x0, x1), (x2, x3)...; lmlab (like Hugging Face) rotates the two halves of each head
+(rotate_half). `unpermute` turns the GGUF rows back into the half-split layout. Files are parsed by
+gguf_reader.py, so the `gguf` package is not needed at run time.
 """
 import logging
 import re
 
 import numpy as np
 
-from lmlab.convert import mapping, quants
+from lmlab.convert import gguf_reader, mapping, quants
 from lmlab.models import ModelConfig
 
 ARCHITECTURES = ('llama', 'qwen2')
@@ -47,35 +48,24 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _value(field):
-  value = field.contents()
-  if isinstance(value, float):  # stored as float32: 1e-5 comes back as 9.99999975e-06; keep the decimal written
-    value = float(np.format_float_positional(np.float32(value), unique=True))
-  return value
-
-
 class GGUFFile:
   """Metadata and tensors of one GGUF file; tensors come out dequantised under Hugging Face names."""
 
   def __init__(self, path: str):
-    from gguf import GGUFReader  # pylint: disable=g-import-not-at-top  (optional dependency)
     self.path = path
-    self.reader = GGUFReader(path)
-    self.meta = {k: f for k, f in self.reader.fields.items() if not k.startswith('GGUF.')}
-    self.tensors = {t.name: t for t in self.reader.tensors}
+    self.meta, self.tensors, self.data = gguf_reader.read(path)
     self.arch = self.get_meta('general.architecture')
     if self.arch not in ARCHITECTURES:
       raise ValueError(f'GGUF architecture {self.arch!r} in {path} is not supported; lmlab reads '
                        f'{", ".join(ARCHITECTURES)}')
-    bad = sorted({(t.tensor_type.name, n) for n, t in self.tensors.items() if t.tensor_type.name not in quants.SUPPORTED})
+    bad = sorted({(t.kind, n) for n, t in self.tensors.items() if t.kind not in quants.SUPPORTED})
     if bad:
       raise ValueError(f'GGUF tensor {bad[0][1]} in {path} is {bad[0][0]} ({len(bad)} unsupported tensors); lmlab '
                        f'dequantises {", ".join(quants.SUPPORTED)}: requantise with llama-quantize')
     self.used = set()
 
   def get_meta(self, key: str, default=None):
-    field = self.meta.get(key)
-    return default if field is None else _value(field)
+    return self.meta.get(key, default)
 
   def config(self) -> ModelConfig:
     a = self.arch
@@ -88,7 +78,7 @@ class GGUFFile:
     scaling = self.get_meta(f'{a}.rope.scaling.type', 'none')
     if scaling not in ('none', None):
       raise ValueError(f'GGUF {self.path} uses rope scaling {scaling!r}; lmlab supports plain RoPE only')
-    vocab = self.get_meta(f'{a}.vocab_size') or int(self.tensors['token_embd.weight'].shape[-1])
+    vocab = self.get_meta(f'{a}.vocab_size') or self.tensors['token_embd.weight'].shape[0]
     return ModelConfig(
         family='decoder', vocab_size=int(vocab), d_model=int(D), num_layers=int(need('block_count')), num_heads=int(H),
         num_kv_heads=int(self.get_meta(f'{a}.attention.head_count_kv') or H),
@@ -129,7 +119,7 @@ class GGUFFile:
       raise ValueError(f'GGUF {self.path} has no tensor {name} (for {hf_name}); found e.g. {sorted(self.tensors)[:4]}')
     self.used.add(name)
     t = self.tensors[name]
-    w = quants.dequantize(t.data, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)))
+    w = quants.dequantize(gguf_reader.tensor_bytes(self.data, t), t.kind, t.shape)
     if self.arch not in PERMUTED:
       return w
     if '.attn_q.' in name:
