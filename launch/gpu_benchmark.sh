@@ -13,10 +13,16 @@ fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 results="$OUT/results.jsonl"
-lmlab() {  # config, extra flags...
+lmlab() {  # config, extra flags...; a failed run is retried once with XLA attention and says so
   local cfg=$1; shift
   timeout "${RUN_TIMEOUT:-150}" $PY -m experiments.benchmark --config="experiments/configs/$cfg.py" \
     --steps="${STEPS:-10}" "$@" 2>>"$OUT/stderr.log" | tee -a "$results"
+  if [ "${PIPESTATUS[0]}" != 0 ]; then
+    echo "{\"failed\": \"$cfg $*\", \"retry\": \"attention=xla\"}" | tee -a "$results"
+    tail -3 "$OUT/stderr.log"
+    timeout "${RUN_TIMEOUT:-150}" $PY -m experiments.benchmark --config="experiments/configs/$cfg.py" \
+      --steps="${STEPS:-10}" "$@" --config.model.attention=xla 2>>"$OUT/stderr.log" | tee -a "$results"
+  fi
 }
 peer() { timeout "${RUN_TIMEOUT:-150}" $PY .bench/peer_torch.py --steps="${STEPS:-10}" --preset "$@" 2>>"$OUT/stderr.log" | tee -a "$results"; }
 
