@@ -293,7 +293,9 @@ class MoeMlp(nn.Module):
       else:
         fn = lambda x, ch, keep, w, experts, ep=(), tp=(): _reference_experts(x, ch, keep, w, experts)
       args = (x_BLD, choice_BLK, keep_BLK, weights_BLK)
-    sharded = None if m.dispatch == 'reference' else _sharded(fn, len(args), B, E)
+    # Init traces a batch of one, possibly under the training mesh: the local path gives the same shapes.
+    local = m.dispatch == 'reference' or self.is_initializing()
+    sharded = None if local else _sharded(fn, len(args), B, E)
     y_BLD = (sharded or fn)(*args, experts)
 
     n_real = jnp.maximum(jnp.sum(real_BL), 1).astype(jnp.float32)
