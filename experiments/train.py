@@ -7,20 +7,28 @@ from experiments import cli
 
 _CONFIG = cli.define_config_flag('experiments/configs/dense_tiny.py')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Where metrics, plots, checkpoints and the summary go.')
+_COORDINATOR = flags.DEFINE_string('coordinator', '', 'Multi-process: HOST:PORT of process 0 (see launch/).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Multi-process: how many processes run this job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-process: this process, 0 .. num_processes - 1.')
 
 
 def main(argv):
   del argv
-  from lmlab.train import loop  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
+  from lmlab import distributed  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
+  from lmlab.train import loop  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     summary = loop.run(_CONFIG.value, _WORKDIR.value)
   except FloatingPointError as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
-  print(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f} nats/token '
-        f'(unigram entropy {summary["unigram_entropy"]:.4f}), bits/byte {summary.get("eval_bits_per_byte", float("nan")):.4f}; '
-        f'results in {summary["workdir"]} '
-        '(summary.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/)')
+  except loop.Preempted as preempted:  # a clean stop: the same command resumes
+    loop.log(str(preempted))
+    sys.exit(0)
+  loop.log(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f} nats/token '
+           f'(unigram entropy {summary["unigram_entropy"]:.4f}), bits/byte {summary.get("eval_bits_per_byte", float("nan")):.4f}; '
+           f'results in {summary["workdir"]} '
+           '(summary.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/)')
 
 
 if __name__ == '__main__':

@@ -41,6 +41,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_batches = 8              # validation batches per evaluation
   c.checkpoint_every = 200        # steps between checkpoints; 0 disables
   c.keep_checkpoints = 3          # newest checkpoints kept
+  c.restore = 'latest'            # latest (newest intact checkpoint of this run, else a fresh start) | none
+                                  # (fresh start; this run's checkpoints are moved aside) | STEP (that step
+                                  # of this run; newer ones are moved aside) | PATH (a checkpoint step dir,
+                                  # checkpoints dir or workdir of another run, used while this run has none)
+  c.init_from = ''                # pretrained weights (HF dir, .gguf, lmlab Orbax export) for a fresh start;
+                                  # ignored when a checkpoint is resumed
   c.progress = True               # console progress bar
 
   c.mesh = ml_collections.ConfigDict()
@@ -68,6 +74,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.on_bad_record = 'error'  # files: malformed jsonl line or missing field: error | skip (counted, logged)
   c.data.shuffle_window = 1024    # train rows permuted together; a restore re-packs at most this many
   c.data.prefetch = 2             # batches prepared ahead in a background thread; 0 = none
+
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.task = ''            # '' (pretraining) | classify (encoder + head) | sft (decoder, loss on responses);
+                                  # with a task, the model comes from init_from (model.* then only sets
+                                  # compute_dtype, param_dtype, remat, attention, dropout)
+  c.finetune.dataset = 'stdlib'   # stdlib (offline: classify = stdlib docstrings by package, sft = "what does
+                                  # function X do?" -> its docstring summary) | files:GLOB (.jsonl; '{split}' in
+                                  # GLOB picks files per split) | tfds:NAME (classify only); text in data.text_key
+  c.finetune.label_key = 'label'  # classify: jsonl/tfds field with the label (int or string)
+  c.finetune.prompt_key = 'prompt'      # sft: jsonl field with the user's prompt
+  c.finetune.response_key = 'response'  # sft: jsonl field with the reply the loss is taken on
+  c.finetune.pooling = 'mean'     # classify: mean (over non-padding tokens) | pooler (BERT dense+tanh on [CLS],
+                                  # initialised from the checkpoint's pooler when it has one)
+  c.finetune.method = 'lora'      # lora (adapters + head trained, the rest frozen) | full (every weight trained)
+  c.finetune.lora_rank = 8        # r of A [in, r] and B [r, out]
+  c.finetune.lora_alpha = 16.0    # adapted weight W + (alpha / r) * A @ B
+  c.finetune.lora_targets = 'attn/(query|value)'  # regex searched in kernel paths like layers/block_0/attn/query
+  c.finetune.export = True        # at the end, write merged weights (LoRA folded in) to WORKDIR/export (Orbax)
 
   c.model = _config_dict(ModelConfig())
   return c

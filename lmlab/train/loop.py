@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from lmlab import distributed
 from lmlab.data import pipeline, tokenizers
 from lmlab.models import model_config_to_dict
 from lmlab.train import build, checkpoint, metrics as metrics_lib, step as step_lib
@@ -19,6 +20,14 @@ def log(message: str) -> None:
   logging.info(message)
   if jax.process_index() == 0:
     print(message, flush=True)
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGINT stopped training after a step whose checkpoint is saved; the next start resumes there."""
+
+  def __init__(self, step: int, path: str):
+    super().__init__(f'preempted at step {step}: checkpoint saved to {path}')
+    self.step, self.path = step, path
 
 
 class Trainer:
@@ -35,21 +44,80 @@ class Trainer:
     self.batches = lambda split, shuffle: pipeline.make_batches(
         config.data, self.tokenizer, split=split, global_batch_size=config.batch_size, seq_len=config.seq_len,
         seed=config.seed, shuffle=shuffle, process_index=jax.process_index(), process_count=jax.process_count())
-    self.checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main)
 
   def metadata(self) -> dict:
     return {'model': model_config_to_dict(self.parts.model_config), 'tokenizer': self.tokenizer.to_dict()}
 
   def restore_or_init(self, train_iter):
-    step = self.checkpointer.latest_step()
-    if step is None:
-      log(f'starting from scratch (no checkpoint in {self.checkpointer.directory})')
-      return self.parts.create_state()
-    state, data_state = self.checkpointer.restore(step, self.parts.abstract_state())
+    """The state --config.restore asks for (data iterator positioned to match), else a fresh or pretrained one."""
+    own = self.checkpointer
+    if self.config.restore == 'none':
+      steps = own.steps()
+      moved = f'; checkpoints {steps} moved to {own.set_aside(steps)}' if steps else ''
+      return self.fresh_state(f'--config.restore=none{moved}')
+    source, steps, fall_back = checkpoint.restore_source(self.config.restore, own, log)
+    if not steps:
+      return self.fresh_state(f'no checkpoint in {own.directory}')
+    step, state, data_state = checkpoint.restore_first_intact(source, steps, self.parts.abstract_state(), log,
+                                                              fall_back)
+    newer = [s for s in own.steps() if s > step]
+    if source is own and newer:  # damaged or abandoned: keep them out of this run's single history
+      log(f'checkpoints {newer} (newer than step {step}) moved to {own.set_aside(newer)}')
     train_iter.set_state(data_state)
-    log(f'resumed from step {step} ({os.path.join(self.checkpointer.directory, str(step))})')
+    self.drop_metrics_after(step)
+    log(f'resumed from step {step} ({source.path(step)})')
+    if source is not own:
+      source.close()
     return state
+
+  def fresh_state(self, why: str):
+    """Step 0: random parameters, or --config.init_from's pretrained ones."""
+    self.drop_metrics_after(0)
+    if not self.config.init_from:
+      log(f'starting from scratch ({why})')
+      return self.parts.create_state()
+    state = self.pretrained_state(self.config.init_from)
+    log(f'starting from scratch with pretrained weights from {self.config.init_from} ({why})')
+    return state
+
+  def pretrained_state(self, path: str):
+    """A step-0 TrainState around the weights at `path`, placed on the parameter shardings; optimizer from tx.init."""
+    from lmlab.convert import load_pretrained  # pylint: disable=g-import-not-at-top  (optional readers inside)
+    pretrained_config, params, _ = load_pretrained(path)
+    target = self.parts.abstract_state().params
+    flat = checkpoint.path_shapes(params)
+    mismatch = checkpoint.first_mismatch(flat, checkpoint.path_shapes(target))
+    if mismatch:
+      raise ValueError(f'--config.init_from={path} does not fit this model: {mismatch}; set --config.model.* to '
+                       'the pretrained model\'s config')
+    differ = [k for k, v in model_config_to_dict(pretrained_config).items()
+              if model_config_to_dict(self.parts.model_config).get(k) != v]
+    if differ:
+      log(f'note: the run\'s model config differs from {path}\'s in {", ".join(differ)} (shapes match)')
+    leaves = dict(zip(flat, jax.tree.leaves(params)))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, t: _place(leaves[jax.tree_util.keystr(p, simple=True, separator='/')], t), target)
+
+    def with_params(params):
+      fresh = self.parts.create_state()  # traced: XLA drops its random parameters, nothing uses them
+      return fresh.replace(params=params, opt_state=self.parts.tx.init(params))
+    return jax.jit(with_params, out_shardings=self.parts.shardings, donate_argnums=0)(params)
+
+  def drop_metrics_after(self, step: int) -> None:
+    """Rows past `step` came from a run that died after its last checkpoint: drop them, keep one clean history."""
+    path = self.writer.path
+    if not self.is_main or not os.path.exists(path):
+      return
+    with open(path) as f:
+      lines = f.read().splitlines()
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if len(kept) < len(lines):
+      with open(path + '.tmp', 'w') as f:
+        f.writelines(line + '\n' for line in kept)
+      os.replace(path + '.tmp', path)
+      log(f'metrics.jsonl: dropped {len(lines) - len(kept)} rows past step {step}')
 
   def eval_batches(self):
     eval_iter = self.batches(self.config.data.eval_split, shuffle=False)
@@ -70,14 +138,18 @@ class Trainer:
     counts = np.zeros(self.tokenizer.vocab_size)
     for batch in self.eval_batches():
       np.add.at(counts, batch['targets'].ravel(), batch['weights'].ravel())
+    if jax.process_count() > 1:  # each process counted only its own rows
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      counts = multihost_utils.process_allgather(counts).sum(axis=0)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
-  def save(self, state, train_iter, force=False):
+  def save(self, state, train_iter, eval_loss=None, force=False):
     self.checkpointer.save(int(state.step), state, train_iter.get_state(), json.loads(self.config.to_json()),
-                           self.metadata(), force=force)
+                           self.metadata(), eval_loss=eval_loss, force=force)
 
   def train(self) -> dict:
+    """Resumes or starts, trains to config.steps, evaluates and checkpoints; raises Preempted on SIGTERM/SIGINT."""
     c = self.config
     start_time = time.time()
     fingerprint = pipeline.corpus_fingerprint(c.data)
@@ -86,36 +158,51 @@ class Trainer:
       with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
         f.write(c.to_json_best_effort(indent=2))
     train_iter = self.batches(c.data.train_split, shuffle=True)
-    with self.parts.context():
-      state = self.restore_or_init(train_iter)
-      first_step = int(state.step)
-      progress = _progress(first_step, c.steps, enabled=c.progress and self.is_main)
-      tokens_per_step = c.batch_size * c.seq_len
-      pending, tick, last_eval = None, time.time(), {}
-      for step in range(first_step, c.steps):
-        batch = pipeline.to_global(next(train_iter), self.parts.mesh)
-        state, step_metrics = self.parts.train_step(state, batch)
-        if pending is not None:  # fetch the previous step's metrics only now: the device never waits on us
-          self._report(*pending, progress)
-        pending = (step + 1, step_metrics, tick)
-        tick = time.time()
-        done = step + 1
-        if c.eval_every and (done % c.eval_every == 0 or done == c.steps):
-          self._report(*pending, progress)
-          pending = None
-          last_eval = self.evaluate(state)
-          self.writer.write(done, last_eval)
-          progress.write(f'step {done}: eval loss {last_eval["eval_loss"]:.4f}, '
-                         f'bits/byte {last_eval["eval_bits_per_byte"]:.4f}')
-        if c.checkpoint_every and done % c.checkpoint_every == 0:
-          self.save(state, train_iter)
-      if pending is not None:
-        self._report(*pending, progress)
-      progress.close()
-      if c.checkpoint_every and self.checkpointer.latest_step() != int(state.step):
-        self.save(state, train_iter, force=True)
-    self.checkpointer.close()
+    try:
+      with self.parts.context(), distributed.PreemptionWatch() as watch:
+        state = self.restore_or_init(train_iter)
+        state, last_eval = self._steps(state, train_iter, watch)
+        if c.checkpoint_every and self.checkpointer.latest_step() != int(state.step):
+          self.save(state, train_iter, eval_loss=last_eval.get('eval_loss'), force=True)
+    finally:
+      self.checkpointer.close()  # waits for an async save in flight, even when training failed
     return self._finish(state, last_eval, fingerprint, time.time() - start_time)
+
+  def _steps(self, state, train_iter, watch):
+    """The training loop proper: (final state, last eval metrics)."""
+    c = self.config
+    progress = _progress(int(state.step), c.steps, enabled=c.progress and self.is_main)
+    pending, tick, last_eval = None, time.time(), {}
+    for step in range(int(state.step), c.steps):
+      batch = pipeline.to_global(next(train_iter), self.parts.mesh)
+      state, step_metrics = self.parts.train_step(state, batch)
+      if pending is not None:  # fetch the previous step's metrics only now: the device never waits on us
+        self._report(*pending, progress)
+      done = step + 1
+      pending, tick = (done, step_metrics, tick), time.time()
+      evaluate = c.eval_every and (done % c.eval_every == 0 or done == c.steps)
+      save = c.checkpoint_every and done % c.checkpoint_every == 0
+      stop = done < c.steps and watch.stop_at(done)
+      if evaluate or save or stop:  # rows up to `done` reach metrics.jsonl before its checkpoint does
+        self._report(*pending, progress)
+        pending = None
+      if evaluate:
+        last_eval = self.evaluate(state)
+        self.writer.write(done, last_eval)
+        progress.write(f'step {done}: {step_lib.describe_eval(last_eval)}')
+      eval_loss = last_eval.get('eval_loss') if evaluate else None
+      if stop:
+        progress.close()
+        log(f'{watch.signal_name} received: saving step {done}, then exiting')
+        self.save(state, train_iter, eval_loss=eval_loss, force=True)
+        self.checkpointer.wait()
+        raise Preempted(done, self.checkpointer.path(done))
+      if save:
+        self.save(state, train_iter, eval_loss=eval_loss)
+    if pending is not None:
+      self._report(*pending, progress)
+    progress.close()
+    return state, last_eval
 
   def _report(self, step, step_metrics, tick, progress):
     values = jax.device_get(step_metrics)
@@ -157,3 +244,17 @@ def _progress(start: int, total: int, enabled: bool):
 
 def run(config, workdir: str) -> dict:
   return Trainer(config, workdir).train()
+
+
+def _place(value, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """A host array as a global array on `target`'s sharding; each process fills only its own shards."""
+  value = np.asarray(value, dtype=target.dtype)
+  return jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])
+
+
+def _row_step(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a line cut short by a kill."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
