@@ -8,6 +8,7 @@ Routing, losses and metrics run in the global SPMD program (so they see every to
 computation runs per device inside `jax.shard_map` when a mesh is active, with `all_to_all` over the
 `expert` mesh axis moving tokens to the devices that hold their experts.
 """
+import functools
 import math
 
 import flax.linen as nn
@@ -84,7 +85,7 @@ def capacity_positions(choice_GTK, valid_GTK, num_experts: int, C: int):
 # ---- Expert computation on one device's tokens. `weights` = (wi_gate_EDF, wi_up_EDF, wo_EFD) hold this
 # device's experts (and its slice of F under tensor parallelism, hence the psum over `tp`).
 
-def _capacity_experts(x_GTD, choice_GTK, position_GTK, keep_GTK, weights_GTK, experts, C, ep, tp):
+def _capacity_experts(x_GTD, choice_GTK, keep_GTK, weights_GTK, position_GTK, experts, ep=(), tp=(), *, C):
   """GShard einsum dispatch -> expert SwiGLU -> einsum combine; dropped assignments get zero output."""
   wi_gate_EDF, wi_up_EDF, wo_EFD = experts
   E = wi_gate_EDF.shape[0] * _axis_size(ep)
@@ -173,7 +174,7 @@ def _exchange_ragged(xs_AD, expert_sorted_A, counts_E, experts, ep, tp):
   return jnp.where((expert_sorted_A < E)[:, None], ys_AD, 0)
 
 
-def _dropless_experts(x_GTD, choice_GTK, valid_GTK, weights_GTK, experts, ep, tp):
+def _dropless_experts(x_GTD, choice_GTK, valid_GTK, weights_GTK, experts, ep=(), tp=()):
   """Sort token copies by expert, grouped matmul (ragged_dot), unsort and combine; nothing is dropped."""
   G, T, D = x_GTD.shape
   K = choice_GTK.shape[-1]
@@ -191,7 +192,7 @@ def _dropless_experts(x_GTD, choice_GTK, valid_GTK, weights_GTK, experts, ep, tp
 
 
 def _reference_experts(x_GTD, choice_GTK, valid_GTK, weights_GTK, experts):
-  """Every expert on every token, weighted: slow and obviously right (the tests' ground truth)."""
+  """Every expert on every token, weighted: slow and obviously right (the tests' ground truth); never sharded."""
   wi_gate_EDF, wi_up_EDF, wo_EFD = experts
   out_GTD = jnp.zeros(x_GTD.shape, jnp.float32)
   for e in range(wi_gate_EDF.shape[0]):
@@ -248,58 +249,16 @@ class MoeMlp(nn.Module):
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL):
     c, m = self.config, self.config.moe
-    B, L, D = x_BLD.shape
-    E, N, K, F = m.num_experts, m.num_experts + m.zero_experts, num_selected(m), m.expert_ffn_dim or c.ffn_dim
     if m.dispatch not in DISPATCHES:
       raise ValueError(f'model.moe.dispatch={m.dispatch!r} is not one of {", ".join(DISPATCHES)}')
-    if not 1 <= K <= N:
-      raise ValueError(f'model.moe.top_k={m.top_k} must be between 1 and the {N} router slots')
-    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
-    fan_in = lambda i, o: nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=i, out_axis=o,
-                                                           batch_axis=0 if i else ())
-    router_DN = self.param('router', partitioned(fan_in(0, 1), ('embed', None)), (D, N), pdt)
-    experts = (self.param('wi_gate', partitioned(fan_in(1, 2), ('expert', 'embed', 'mlp')), (E, D, F), pdt),
-               self.param('wi_up', partitioned(fan_in(1, 2), ('expert', 'embed', 'mlp')), (E, D, F), pdt),
-               self.param('wo', partitioned(fan_in(1, 2), ('expert', 'mlp', 'embed')), (E, F, D), pdt))
-    experts = tuple(w.astype(cdt) for w in experts)
-    if m.router == 'sigmoid_bias':
-      bias_N = self.variable('router_state', 'bias', jnp.zeros, (N,), jnp.float32).value
-    else:
-      bias_N = jnp.zeros((N,), jnp.float32)
-
+    E, F, cdt = m.num_experts, m.expert_ffn_dim or c.ffn_dim, dtype(c.compute_dtype)
     real_BL = segment_ids_BL != 0  # padding is never routed, computed or counted
-    x_router_BLD = x_BLD.astype(jnp.float32)
-    if m.jitter > 0 and self.has_rng('dropout'):  # Switch-style multiplicative noise, training only
-      x_router_BLD *= jax.random.uniform(self.make_rng('dropout'), x_BLD.shape, jnp.float32,
-                                         1.0 - m.jitter, 1.0 + m.jitter)
-    logits_BLN = jnp.einsum('BLD,DN->BLN', x_router_BLD, router_DN.astype(jnp.float32))
-    choice_BLK, weights_BLK, probs_BLN = route(logits_BLN, bias_N, m)
-    weights_BLK = jnp.where(real_BL[..., None], weights_BLK, 0.0)
-    metrics = router_metrics(logits_BLN.reshape(-1, N), probs_BLN.reshape(-1, N), choice_BLK.reshape(-1, K),
-                             real_BL.reshape(-1))
-
+    choice_BLK, weights_BLK, metrics = self.route(x_BLD, real_BL)
     valid_BLK = real_BL[..., None] & (choice_BLK < E)  # assignments that reach a computing expert
     x_BLD = x_BLD.astype(cdt)
-    if m.dispatch == 'capacity':  # groups are the batch rows, so sharding the batch changes no drops
-      C = capacity(m, L)
-      position_BLK, keep_BLK = capacity_positions(choice_BLK, valid_BLK, E, C)
-      fn = lambda x, ch, pos, keep, w, experts, ep=(), tp=(): _capacity_experts(x, ch, pos, keep, w, experts, C,
-                                                                                ep, tp)
-      args = (x_BLD, choice_BLK, position_BLK, keep_BLK, weights_BLK)
-    else:
-      keep_BLK = valid_BLK
-      if m.dispatch == 'dropless':
-        fn = lambda x, ch, keep, w, experts, ep=(), tp=(): _dropless_experts(x, ch, keep, w, experts, ep, tp)
-      else:
-        fn = lambda x, ch, keep, w, experts, ep=(), tp=(): _reference_experts(x, ch, keep, w, experts)
-      args = (x_BLD, choice_BLK, keep_BLK, weights_BLK)
-    # Init traces a batch of one, possibly under the training mesh: the local path gives the same shapes.
-    local = m.dispatch == 'reference' or self.is_initializing()
-    sharded = None if local else _sharded(fn, len(args), B, E)
-    y_BLD = (sharded or fn)(*args, experts)
-
+    y_BLD, keep_BLK = self.routed_experts(x_BLD, choice_BLK, valid_BLK, weights_BLK, F)
     n_real = jnp.maximum(jnp.sum(real_BL), 1).astype(jnp.float32)
-    metrics['dropped_fraction'] = jnp.sum(valid_BLK & ~keep_BLK).astype(jnp.float32) / (K * n_real)
+    metrics['dropped_fraction'] = jnp.sum(valid_BLK & ~keep_BLK) / (choice_BLK.shape[-1] * n_real)
     if m.zero_experts:  # LongCat-Flash: a zero-computation expert returns its input, scaled by its gate
       zero_gate_BL = jnp.sum(jnp.where(real_BL[..., None] & (choice_BLK >= E), weights_BLK, 0.0), axis=-1)
       y_BLD += (zero_gate_BL[..., None] * x_BLD.astype(jnp.float32)).astype(y_BLD.dtype)
@@ -310,6 +269,50 @@ class MoeMlp(nn.Module):
     metrics['loss'] = m.aux_loss_weight * metrics['aux_loss'] + m.z_loss_weight * metrics['z_loss']
     metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
     return constrain(y_BLD, ('act_batch', 'act_length', 'act_embed')), metrics
+
+  def route(self, x_BLD, real_BL):
+    """(choice_BLK, weights_BLK, router metrics); weights are zero on padding."""
+    c, m = self.config, self.config.moe
+    N, K = m.num_experts + m.zero_experts, num_selected(m)
+    if not 1 <= K <= N:
+      raise ValueError(f'model.moe.top_k={m.top_k} must be between 1 and the {N} router slots')
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+    router_DN = self.param('router', partitioned(init, ('embed', None)), (x_BLD.shape[-1], N), dtype(c.param_dtype))
+    if m.router == 'sigmoid_bias':
+      bias_N = self.variable('router_state', 'bias', jnp.zeros, (N,), jnp.float32).value
+    else:
+      bias_N = jnp.zeros((N,), jnp.float32)
+    x_BLD = x_BLD.astype(jnp.float32)
+    if m.jitter > 0 and self.has_rng('dropout'):  # Switch-style multiplicative noise, training only
+      x_BLD *= jax.random.uniform(self.make_rng('dropout'), x_BLD.shape, jnp.float32, 1.0 - m.jitter, 1.0 + m.jitter)
+    logits_BLN = jnp.einsum('BLD,DN->BLN', x_BLD, router_DN.astype(jnp.float32))
+    choice_BLK, weights_BLK, probs_BLN = route(logits_BLN, bias_N, m)
+    metrics = router_metrics(logits_BLN.reshape(-1, N), probs_BLN.reshape(-1, N), choice_BLK.reshape(-1, K),
+                             real_BL.reshape(-1))
+    return choice_BLK, jnp.where(real_BL[..., None], weights_BLK, 0.0), metrics
+
+  def routed_experts(self, x_BLD, choice_BLK, valid_BLK, weights_BLK, F):
+    """(y_BLD, keep_BLK): the chosen computing experts' weighted outputs, by the configured dispatch path."""
+    c, m = self.config, self.config.moe
+    B, L, D = x_BLD.shape
+    E, pdt = m.num_experts, dtype(c.param_dtype)
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=1, out_axis=2, batch_axis=0)
+    experts = (self.param('wi_gate', partitioned(init, ('expert', 'embed', 'mlp')), (E, D, F), pdt),
+               self.param('wi_up', partitioned(init, ('expert', 'embed', 'mlp')), (E, D, F), pdt),
+               self.param('wo', partitioned(init, ('expert', 'mlp', 'embed')), (E, F, D), pdt))
+    experts = tuple(w.astype(x_BLD.dtype) for w in experts)
+    args, keep_BLK = (x_BLD, choice_BLK, valid_BLK, weights_BLK), valid_BLK
+    if m.dispatch == 'capacity':  # groups are the batch rows, so sharding the batch changes no drops
+      C = capacity(m, L)
+      position_BLK, keep_BLK = capacity_positions(choice_BLK, valid_BLK, E, C)
+      fn, args = functools.partial(_capacity_experts, C=C), (x_BLD, choice_BLK, keep_BLK, weights_BLK, position_BLK)
+    elif m.dispatch == 'dropless':
+      fn = _dropless_experts
+    else:
+      return _reference_experts(*args, experts), keep_BLK
+    # Init traces a batch of one, possibly under the training mesh: the local path gives the same shapes.
+    sharded = None if self.is_initializing() else _sharded(fn, len(args), B, E)
+    return (sharded or fn)(*args, experts), keep_BLK
 
 
 def update_router_state(model_state: dict, aux: dict, moe_config: MoeConfig) -> dict:
