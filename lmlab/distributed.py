@@ -22,9 +22,9 @@ def initialize(coordinator: str = '', num_processes: int = 1, process_id: int = 
   job with several tasks. Must run before anything touches a JAX device.
   """
   if coordinator or num_processes > 1 or process_id >= 0:
-    if not coordinator or num_processes < 2 or not 0 <= process_id < num_processes:
+    if not coordinator or not 0 <= process_id < num_processes:
       raise ValueError(f'--coordinator={coordinator!r} --num_processes={num_processes} --process_id={process_id}: '
-                       'give all three, with HOST:PORT, at least 2 processes and 0 <= process_id < num_processes')
+                       'give all three, with HOST:PORT and 0 <= process_id < num_processes')
     kwargs = {'coordinator_address': coordinator, 'num_processes': num_processes, 'process_id': process_id}
   elif os.environ.get('JAX_COORDINATOR_ADDRESS'):
     kwargs = {'num_processes': _env_int('JAX_NUM_PROCESSES'), 'process_id': _env_int('JAX_PROCESS_ID')}
