@@ -56,16 +56,25 @@ def output_and_grads(c, variables, x_BLD, segment_ids_BL):
   return y_BLD, metrics, grads
 
 
-@pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
-@pytest.mark.parametrize('moe_kw', [{}, {'router': 'sigmoid_bias', 'top_k': 3, 'zero_experts': 1},
-                                    {'router': 'switch'}])
-def test_dispatch_equals_reference_loop(dispatch, moe_kw):
+ROUTERS = {'softmax': {}, 'sigmoid_bias': {'router': 'sigmoid_bias', 'top_k': 3, 'zero_experts': 1},
+           'switch': {'router': 'switch'}}
+
+
+@functools.cache
+def reference_run(router):
   x_BLD, segment_ids_BL = inputs()
-  ref = config(dispatch='reference', capacity_factor=8.0, **moe_kw)
+  ref = config(dispatch='reference', **ROUTERS[router])
   variables = init_params(ref, x_BLD, segment_ids_BL)
-  y_ref, metrics_ref, grads_ref = output_and_grads(ref, variables, x_BLD, segment_ids_BL)
-  y, metrics, grads = output_and_grads(config(dispatch=dispatch, capacity_factor=8.0, **moe_kw), variables, x_BLD,
-                                       segment_ids_BL)
+  return variables, output_and_grads(ref, variables, x_BLD, segment_ids_BL)
+
+
+@pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
+@pytest.mark.parametrize('router', ROUTERS)
+def test_dispatch_equals_reference_loop(dispatch, router):
+  x_BLD, segment_ids_BL = inputs()
+  variables, (y_ref, metrics_ref, grads_ref) = reference_run(router)
+  c = config(dispatch=dispatch, capacity_factor=8.0, **ROUTERS[router])  # C = T: nothing can be dropped
+  y, metrics, grads = output_and_grads(c, variables, x_BLD, segment_ids_BL)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
   assert float(metrics['dropped_fraction']) == 0.0
   assert_trees_close(metrics, metrics_ref, what='metrics')
@@ -133,8 +142,9 @@ def test_padding_is_never_routed_or_counted(dispatch):
   variables = init_params(c, x_BLD, segment_ids_BL)
   other_BLD = jnp.where(segment_ids_BL[..., None] == 0, 100.0 * jax.random.normal(jax.random.PRNGKey(9), x_BLD.shape),
                         x_BLD)
-  y_BLD, metrics = moe.MoeMlp(c).apply(variables, x_BLD, segment_ids_BL)
-  y_other, metrics_other = moe.MoeMlp(c).apply(variables, other_BLD, segment_ids_BL)
+  apply = jax.jit(moe.MoeMlp(c).apply)
+  y_BLD, metrics = apply(variables, x_BLD, segment_ids_BL)
+  y_other, metrics_other = apply(variables, other_BLD, segment_ids_BL)
   np.testing.assert_array_equal(y_BLD, y_other)
   np.testing.assert_array_equal(y_BLD[1, -3:], 0.0)
   assert_trees_close(metrics_other, metrics, rtol=0, atol=0, what='metrics')

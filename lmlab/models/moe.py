@@ -2,7 +2,8 @@
 
 Letters: B batch, L length, D d_model, F expert ffn width, E routed (computing) experts, N router slots
 (E routed + zero-computation experts), K experts per token, T tokens, A token copies (T * K), G capacity
-groups, C capacity per expert and group, P expert-parallel shards.
+groups, C capacity per expert and group, P expert-parallel shards, M rows received from all shards (P * A),
+X MoE layers.
 
 Routing, losses and metrics run in the global SPMD program (so they see every token); only the expert
 computation runs per device inside `jax.shard_map` when a mesh is active, with `all_to_all` over the
@@ -82,8 +83,9 @@ def capacity_positions(choice_GTK, valid_GTK, num_experts: int, C: int):
   return position_GTK, valid_GTK & (position_GTK < C)
 
 
-# ---- Expert computation on one device's tokens. `weights` = (wi_gate_EDF, wi_up_EDF, wo_EFD) hold this
-# device's experts (and its slice of F under tensor parallelism, hence the psum over `tp`).
+# ---- Expert computation on one device's tokens. `experts` = (wi_gate_EDF, wi_up_EDF, wo_EFD) holds this
+# device's experts (and its slice of F under tensor parallelism, hence the psum over `tp`); `ep` and `tp`
+# name the expert- and tensor-parallel mesh axes, empty outside a mesh.
 
 def _capacity_experts(x_GTD, choice_GTK, keep_GTK, weights_GTK, position_GTK, experts, ep=(), tp=(), *, C):
   """GShard einsum dispatch -> expert SwiGLU -> einsum combine; dropped assignments get zero output."""
