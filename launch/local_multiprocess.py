@@ -5,7 +5,8 @@
 
 Each copy gets `--coordinator=127.0.0.1:PORT --num_processes=N --process_id=I`. SIGTERM and SIGINT are passed
 on once to every copy (each in its own session, so a terminal Ctrl-C does not reach them twice); when one copy
-fails the others are stopped. The exit status is the first non-zero one, else 0.
+fails the others get SIGTERM. Copies still running a minute after a signal or failure are killed. The exit
+status is the first non-zero one, else 0.
 """
 import argparse
 import os
@@ -33,46 +34,58 @@ def child_env(cpu_devices: int) -> dict:
 
 
 def launch(command: list[str], num_processes: int, cpu_devices: int = 0, port: int = 0,
-           grace_s: float = 30.0) -> int:
+           grace_s: float = 60.0) -> int:
   """Starts the copies, waits for all of them, and returns the run's exit status."""
   coordinator = f'127.0.0.1:{port or free_port()}'
   env = child_env(cpu_devices)
-  children = [subprocess.Popen([*command, f'--coordinator={coordinator}', f'--num_processes={num_processes}',
-                                f'--process_id={i}'], env=env, start_new_session=True)
-              for i in range(num_processes)]
-
-  def forward(signum, frame):
-    del frame
-    for child in children:
-      if child.poll() is None:
-        child.send_signal(signum)
-  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  group = _Group([subprocess.Popen([*command, f'--coordinator={coordinator}', f'--num_processes={num_processes}',
+                                    f'--process_id={i}'], env=env, start_new_session=True)
+                  for i in range(num_processes)], grace_s)
+  previous = {s: signal.signal(s, group.forward) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    return _wait(children, grace_s)
+    return group.wait()
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
-    for child in children:
+    group.kill()
+
+
+class _Group:
+  """The copies of one run: a signal or a failure gives them `grace_s` to exit cleanly, then SIGKILL."""
+
+  def __init__(self, children: list[subprocess.Popen], grace_s: float):
+    self.children, self.grace_s = children, grace_s
+    self.status, self.deadline = 0, None
+
+  def forward(self, signum, frame=None):
+    del frame
+    self._send(signum)
+
+  def _send(self, signum):
+    self.deadline = self.deadline or time.time() + self.grace_s
+    for child in self.children:
+      if child.poll() is None:
+        child.send_signal(signum)
+
+  def kill(self):
+    for child in self.children:
       if child.poll() is None:
         child.kill()
+        child.wait()
 
-
-def _wait(children, grace_s: float) -> int:
-  """Waits for every child; after the first failure the rest get SIGTERM, then SIGKILL after `grace_s`."""
-  status, deadline = 0, None
-  while any(child.poll() is None for child in children):
-    failed = [child.returncode for child in children if child.returncode not in (None, 0)]
-    if failed and deadline is None:
-      status, deadline = failed[0], time.time() + grace_s
-      print(f'launch: a process exited with status {status}; stopping the others', file=sys.stderr, flush=True)
-      for child in children:
-        if child.poll() is None:
-          child.terminate()
-    if deadline is not None and time.time() > deadline:
-      for child in children:
-        child.kill()
-    time.sleep(0.1)
-  return status or next((child.returncode for child in children if child.returncode), 0)
+  def wait(self) -> int:
+    """The first non-zero exit status of a copy, else 0."""
+    while any(child.poll() is None for child in self.children):
+      failed = [child.returncode for child in self.children if child.returncode not in (None, 0)]
+      if failed and not self.status:
+        self.status = failed[0]
+        print(f'launch: a process exited with status {self.status}; stopping the others', file=sys.stderr,
+              flush=True)
+        self._send(signal.SIGTERM)
+      if self.deadline is not None and time.time() > self.deadline:
+        self.kill()
+      time.sleep(0.1)
+    return self.status or next((child.returncode for child in self.children if child.returncode), 0)
 
 
 def main():
