@@ -111,6 +111,9 @@ def first_mismatch(source: dict[str, tuple], target: dict[str, tuple]) -> str | 
 
 
 def _reason(error: BaseException) -> str:
+  """The first line of the innermost exception: Orbax wraps tensorstore's precise message in a vague one."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
   lines = str(error).strip().splitlines()
   return f'{type(error).__name__}: {lines[0][:300] if lines else repr(error)}'
 
