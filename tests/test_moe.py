@@ -55,7 +55,8 @@ def output_and_grads(c, variables, x_BLD, segment_ids_BL):
     return jnp.sum(jnp.sin(y_BLD)) + metrics['loss'], (y_BLD, metrics)
 
   grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-  (_, (y_BLD, metrics)), grads = grad_fn(variables['params'], x_BLD)
+  with jax.numpy_rank_promotion('raise'):  # no silent broadcasting in the MoE layer
+    (_, (y_BLD, metrics)), grads = grad_fn(variables['params'], x_BLD)
   return y_BLD, metrics, grads
 
 

@@ -42,7 +42,7 @@ def route(logits_TN, bias_N, m: MoeConfig):
   elif m.router == 'sigmoid_bias':
     # DeepSeek-V3: the (non-trainable) bias decides which experts, the un-biased scores how much.
     scores_TN = jax.nn.sigmoid(logits_TN)
-    _, choice_TK = jax.lax.top_k(scores_TN + jax.lax.stop_gradient(bias_N), K)
+    _, choice_TK = jax.lax.top_k(scores_TN + jax.lax.stop_gradient(bias_N)[None, :], K)
     weights_TK = jnp.take_along_axis(scores_TN, choice_TK, axis=-1)
     weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
     probs_TN = scores_TN / jnp.sum(scores_TN, axis=-1, keepdims=True)
@@ -158,8 +158,8 @@ def _exchange_ragged(xs_AD, expert_sorted_A, counts_E, experts, ep, tp):
   send_P = jnp.sum(counts_PE, axis=1)
   start_P = jnp.cumsum(send_P) - send_P
   row_A = jnp.arange(A)
-  source_PA = jnp.minimum(start_P[:, None] + row_A, A - 1)
-  send_PAD = jnp.where((row_A < send_P[:, None])[..., None], xs_AD[source_PA], 0)
+  source_PA = jnp.minimum(start_P[:, None] + row_A[None, :], A - 1)
+  send_PAD = jnp.where((row_A[None, :] < send_P[:, None])[..., None], xs_AD[source_PA], 0)
   recv_PAD = jax.lax.all_to_all(send_PAD, ep, 0, 0, tiled=True)  # [source shard, row, D]
   recv_counts_PE = jax.lax.all_to_all(counts_PE, ep, 0, 0, tiled=True)  # source's rows per local expert
   # Rows from each source arrive sorted by local expert; regroup all sources' rows by local expert.
@@ -287,11 +287,12 @@ class MoeMlp(nn.Module):
     x_BLD = x_BLD.astype(jnp.float32)
     if m.jitter > 0 and self.has_rng('dropout'):  # Switch-style multiplicative noise, training only
       x_BLD *= jax.random.uniform(self.make_rng('dropout'), x_BLD.shape, jnp.float32, 1.0 - m.jitter, 1.0 + m.jitter)
-    logits_BLN = jnp.einsum('BLD,DN->BLN', x_BLD, router_DN.astype(jnp.float32))
-    choice_BLK, weights_BLK, probs_BLN = route(logits_BLN, bias_N, m)
-    metrics = router_metrics(logits_BLN.reshape(-1, N), probs_BLN.reshape(-1, N), choice_BLK.reshape(-1, K),
-                             real_BL.reshape(-1))
-    return choice_BLK, jnp.where(real_BL[..., None], weights_BLK, 0.0), metrics
+    B, L, _ = x_BLD.shape
+    logits_TN = jnp.einsum('BLD,DN->BLN', x_BLD, router_DN.astype(jnp.float32)).reshape(B * L, N)
+    choice_TK, weights_TK, probs_TN = route(logits_TN, bias_N, m)
+    metrics = router_metrics(logits_TN, probs_TN, choice_TK, real_BL.reshape(-1))
+    weights_BLK = jnp.where(real_BL[..., None], weights_TK.reshape(B, L, K), 0.0)
+    return choice_TK.reshape(B, L, K), weights_BLK, metrics
 
   def routed_experts(self, x_BLD, choice_BLK, valid_BLK, weights_BLK, F):
     """(y_BLD, keep_BLK): the chosen computing experts' weighted outputs, by the configured dispatch path."""
