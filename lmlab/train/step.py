@@ -14,15 +14,28 @@ def _forward(model, params, model_state, batch, rngs=None):
                      rngs=rngs)
 
 
-def make_train_step(model, tx, schedule, config):
-  """(state, batch) -> (state, metrics); the batch is split into `config.microbatches` for accumulation."""
-  num_micro = config.microbatches
+def lm_loss_fn(model, z_loss: float):
+  """(params, model_state, batch, rng) -> (loss sum, nll sum, aux): weighted token cross-entropy (+ z-loss)."""
+  def loss_fn(params, model_state, batch, rng):
+    logits_BLV, aux = _forward(model, params, model_state, batch, rngs={'dropout': rng, 'jitter': rng})
+    nll_sum, z_sum, _ = losses.token_cross_entropy(logits_BLV, batch['targets'], batch['weights'])
+    return nll_sum + z_loss * z_sum, nll_sum, aux
+  return loss_fn
 
-  def loss_fn(params, model_state, micro, rng, num_tokens):
-    logits_BLV, aux = _forward(model, params, model_state, micro, rngs={'dropout': rng, 'jitter': rng})
-    nll_sum, z_sum, _ = losses.token_cross_entropy(logits_BLV, micro['targets'], micro['weights'])
-    # Normalised by the whole batch's token count, so summing microbatch gradients is exact.
-    loss = (nll_sum + config.z_loss * z_sum) / num_tokens + losses.moe_loss(aux) / num_micro
+
+def make_train_step(model, tx, schedule, config, loss_fn=None):
+  """(state, batch) -> (state, metrics); the batch is split into `config.microbatches` for accumulation.
+
+  `loss_fn` (default: the language-model loss) returns sums over the batch's weights, so any task whose
+  batch has a `weights` array (per token or per example) trains through this one step.
+  """
+  num_micro = config.microbatches
+  task_loss = loss_fn or lm_loss_fn(model, config.z_loss)
+
+  def micro_loss(params, model_state, micro, rng, num_tokens):
+    loss_sum, nll_sum, aux = task_loss(params, model_state, micro, rng)
+    # Normalised by the whole batch's weight, so summing microbatch gradients is exact.
+    loss = loss_sum / num_tokens + losses.moe_loss(aux) / num_micro
     return loss, (nll_sum, aux)
 
   def train_step(state: TrainState, batch):
@@ -30,7 +43,7 @@ def make_train_step(model, tx, schedule, config):
     num_tokens = jnp.maximum(jnp.sum(batch['weights']), 1.0)
     # Strided split keeps each device's rows on that device: microbatch i takes rows i, i+m, ...
     micro_batches = jax.tree.map(lambda x: x.reshape(-1, num_micro, *x.shape[1:]).swapaxes(0, 1), batch)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def accumulate(carry, micro_and_rng):
       grads, loss, nll = carry
@@ -75,3 +88,11 @@ def summarize_eval(sums) -> dict:
   return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 700.0)),
           'eval_bits_per_byte': sums['nll_sum'] / (math.log(2.0) * max(sums['bytes'], 1.0)),
           'eval_accuracy': sums['correct'] / max(sums['tokens'], 1.0), 'eval_tokens': sums['tokens']}
+
+
+def describe_eval(metrics: dict) -> str:
+  """One progress line for eval metrics: loss and bits/byte for language models, accuracy and macro-F1 for classifiers."""
+  parts = [f'eval loss {metrics["eval_loss"]:.4f}']
+  names = {'eval_bits_per_byte': 'bits/byte', 'eval_accuracy': 'accuracy', 'eval_macro_f1': 'macro-F1'}
+  shown = ('eval_bits_per_byte',) if 'eval_bits_per_byte' in metrics else ('eval_accuracy', 'eval_macro_f1')
+  return ', '.join(parts + [f'{names[k]} {metrics[k]:.4f}' for k in shown if k in metrics])
