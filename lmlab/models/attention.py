@@ -1,4 +1,8 @@
-"""Multi-head / grouped-query / multi-query attention with RoPE, causal and packed-segment masks."""
+"""Multi-head / grouped-query / multi-query attention with RoPE, causal and packed-segment masks.
+
+Decoding: when the `cache` collection is mutable (and the model is not being initialised), each call
+appends its keys and values to a KV cache and attends over everything cached so far (see `kv_cache`).
+"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,6 +51,13 @@ def fused_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, causal: bool, implem
   return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, implementation=implementation)
 
 
+def cached_mask(segment_ids_BL, kv_segment_ids_BS, index):
+  """Decoding mask: same segment and key slot <= query slot, the queries sitting at slots index..index+L-1."""
+  L, S = segment_ids_BL.shape[1], kv_segment_ids_BS.shape[1]
+  causal_LS = jnp.arange(S)[None, :] <= index + jnp.arange(L)[:, None]
+  return (segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]) & causal_LS
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
@@ -65,10 +76,33 @@ class Attention(nn.Module):
     v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
 
     causal = c.family == 'decoder'
-    if c.attention == 'einsum':
+    if self.is_mutable_collection('cache') and not self.is_initializing():
+      k_BSGK, v_BSGK, kv_segment_ids_BS, index = self.kv_cache(k_BLGK, v_BLGK, segment_ids_BL)
+      # Plain einsum: a decode step has one query per row, nothing for a flash kernel to save.
+      out_BLHK, _ = einsum_attention(q_BLHK, k_BSGK, v_BSGK, cached_mask(segment_ids_BL, kv_segment_ids_BS, index))
+    elif c.attention == 'einsum':
       out_BLHK, probs_BHLS = einsum_attention(q_BLHK, k_BLGK, v_BLGK, attention_mask(segment_ids_BL, causal))
       self.sow('intermediates', 'attention_weights', probs_BHLS)
     else:
       out_BLHK = fused_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, c.attention)
     out_BLHK = constrain(out_BLHK, ('act_batch', 'act_length', 'act_heads', None))
     return Dense((D,), ('heads', 'head_dim', 'embed'), c, in_axes=2, use_bias=c.out_bias, name='out')(out_BLHK)
+
+  def kv_cache(self, k_BLGK, v_BLGK, segment_ids_BL):
+    """Writes this call's keys/values (G kv heads only) at the cache index; returns the whole cache.
+
+    The first call with no cache creates one as long as its input (generate.init_cache does this under
+    eval_shape to get the shapes). Slots not yet written keep segment id 0, like padding, so the mask
+    hides them; a prompt's real tokens carry segment 1.
+    """
+    B, L, G, K = k_BLGK.shape
+    key = self.variable('cache', 'cached_key', jnp.zeros, (B, L, G, K), k_BLGK.dtype)
+    value = self.variable('cache', 'cached_value', jnp.zeros, (B, L, G, K), v_BLGK.dtype)
+    segments = self.variable('cache', 'cached_segment_ids', jnp.zeros, (B, L), jnp.int32)
+    index = self.variable('cache', 'cache_index', jnp.zeros, (), jnp.int32)
+    i = index.value
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BLGK.astype(key.value.dtype), (0, i, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BLGK.astype(value.value.dtype), (0, i, 0, 0))
+    segments.value = jax.lax.dynamic_update_slice(segments.value, segment_ids_BL.astype(jnp.int32), (0, i))
+    index.value = i + L
+    return key.value, value.value, segments.value, i

@@ -1,0 +1,1 @@
+"""Fine-tuning: sequence classification on encoders, supervised fine-tuning of decoders, LoRA adapters."""
