@@ -75,7 +75,7 @@ class _Group:
 
   def wait(self) -> int:
     """The first non-zero exit status of a copy, else 0."""
-    while any(child.poll() is None for child in self.children):
+    while [child for child in self.children if child.poll() is None]:  # a list: every child gets polled
       failed = [child.returncode for child in self.children if child.returncode not in (None, 0)]
       if failed and not self.status:
         self.status = failed[0]

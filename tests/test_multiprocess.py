@@ -3,8 +3,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
+
+from lmlab import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -61,3 +65,27 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tm
   ours, theirs = losses(tmp_path / 'multi'), losses(tmp_path / 'single')
   assert [step for step, _ in ours] == list(range(1, STEPS + 1))
   np.testing.assert_allclose([loss for _, loss in ours], [loss for _, loss in theirs], rtol=1e-5)
+  summaries = [json.load(open(tmp_path / run / 'summary.json')) for run in ('multi', 'single')]
+  assert summaries[0]['unigram_entropy'] == pytest.approx(summaries[1]['unigram_entropy'])  # counted on both hosts
+
+
+def test_launcher_stops_the_other_processes_when_one_fails():
+  sys.path.insert(0, os.path.join(ROOT, 'launch'))
+  import local_multiprocess  # pylint: disable=g-import-not-at-top
+  # Process 1 fails at once; process 0 would sleep for a minute but is sent SIGTERM.
+  job = [sys.executable, '-c', 'import sys, time; sys.exit(3) if "--process_id=1" in sys.argv else time.sleep(60)']
+  start = time.time()
+  assert local_multiprocess.launch(job, num_processes=2, grace_s=20) == 3
+  assert time.time() - start < 15
+
+
+@pytest.mark.parametrize('flags', [('', 2, 0), ('localhost:1234', 2, 2), ('localhost:1234', 1, -1)])
+def test_multi_process_flags_go_together(flags):
+  with pytest.raises(ValueError, match='give all three'):
+    distributed.initialize(*flags)
+
+
+def test_one_process_without_flags_or_scheduler_stays_single(monkeypatch):
+  for name in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize() is False
