@@ -85,6 +85,15 @@ def test_dispatch_equals_reference_loop(dispatch, router):
   assert_trees_close(grads, grads_ref, what='grads')
 
 
+def test_sort_backward_gathers_instead_of_scattering():
+  x_AD = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  order_A = jnp.array([3, 0, 5, 1, 4, 2])
+  inverse_A = jnp.argsort(order_A)
+  grad = jax.grad(lambda x: jnp.sum(jnp.sin(moe._permute(x, order_A, inverse_A))))  # pylint: disable=protected-access
+  assert 'scatter' not in str(jax.make_jaxpr(grad)(x_AD))
+  np.testing.assert_allclose(grad(x_AD), jax.grad(lambda x: jnp.sum(jnp.sin(x[order_A])))(x_AD), rtol=1e-6)
+
+
 def test_capacity_drops_exactly_the_overflowing_token():
   # Router = identity on 2 features: tokens 0, 1, 2 pick expert 0, token 3 picks expert 1.
   # C = ceil(1.0 * k=1 * T=4 / E=2) = 2, so token 2 (expert 0's third) is dropped: zero expert output.

@@ -8,6 +8,10 @@ X MoE layers.
 Routing, losses and metrics run in the global SPMD program (so they see every token); only the expert
 computation runs per device inside `jax.shard_map` when a mesh is active, with `all_to_all` over the
 `expert` mesh axis moving tokens to the devices that hold their experts.
+
+Conventions: capacity groups are the batch rows (C counts one sequence's tokens), so sharding the batch never
+changes which tokens are dropped; `load` has one entry per router slot (N, zero-computation experts last);
+jitter draws from the `dropout` stream, which the layer scan splits per layer.
 """
 import functools
 import math
