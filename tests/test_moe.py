@@ -42,6 +42,7 @@ def init_params(c, x_BLD, segment_ids_BL):
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6, what=''):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected), f'{what}: different trees'
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f'{what}{jax.tree_util.keystr(path)}')
 
