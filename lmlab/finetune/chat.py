@@ -5,6 +5,7 @@ Without jinja2, or for a tokenizer with no template, prompts become ChatML when 
 `sft_example` trains on, so a model fine-tuned here is prompted the way it was taught.
 """
 import functools
+import importlib.util
 from typing import Sequence
 
 
@@ -43,11 +44,7 @@ def _compiled(template: str):
 def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
   """Messages ({'role', 'content'}) as the text the model was trained on."""
   template = getattr(tokenizer, 'chat_template', None)
-  try:
-    import jinja2  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    template = None
-  if not template:
+  if not template or importlib.util.find_spec('jinja2') is None:
     return _fallback(tokenizer, messages, add_generation_prompt)
   return _compiled(template).render(
       messages=list(messages), add_generation_prompt=add_generation_prompt,

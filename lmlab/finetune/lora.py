@@ -32,7 +32,8 @@ def _split(names: tuple) -> tuple[int, int]:
 def targets(params, pattern: str) -> list[str]:
   """Paths (without '/kernel') of the kernels whose path `re.search`es `pattern`."""
   found = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]:
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  for path, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0]:
     name = _path(path)
     if name.endswith('/kernel') and re.search(pattern, name[:-len('/kernel')]):
       found.append(name[:-len('/kernel')])
@@ -81,7 +82,8 @@ def merged(params: dict) -> dict:
       continue
     node = _get(adapters, names[:-1])
     kernel = _get(out, names[:-1] + ['kernel'])
-    set_path(out, names[:-1] + ['kernel'], kernel + (scale * delta(node['a'], node['b'], kernel.ndim)).astype(kernel.dtype))
+    update = scale * delta(node['a'], node['b'], kernel.ndim)
+    set_path(out, names[:-1] + ['kernel'], kernel + update.astype(kernel.dtype))
   return out
 
 

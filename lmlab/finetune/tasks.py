@@ -2,13 +2,16 @@
 
 A task holds the pretrained model (`init_from`, via lmlab.convert) or a config-built one, its tokenizer,
 a `FinetuneModel` (transformer + optional classification head + optional LoRA adapters, behind the
-init/apply that state.py and step.py already use), the trainable-parameter labels for the optimizer,
-and, for classification, its own loss, eval sums and summary. SFT needs none of those: it is the
-language-model loss on weighted tokens, so the standard step and eval apply unchanged.
+init/apply that state.py and step.py already use) and, for classification, its own loss, eval sums and
+summary. SFT needs none of those: it is the language-model loss on weighted tokens, so the standard
+step and eval apply unchanged. Frozen weights live outside `params`, in the non-trainable `frozen`
+collection of the TrainState's model_state: the step differentiates and the optimizer updates (and
+keeps Adam moments for) the trainable leaves only.
 """
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,13 +23,14 @@ from lmlab.models import ModelConfig, Transformer, model_config_from_dict
 from lmlab.models.heads import ClassificationHead
 
 HEAD_KEYS = ('pooler', 'classifier')
-RUNTIME_KEYS = ('compute_dtype', 'param_dtype', 'remat', 'attention', 'dropout')  # from config.model, not the checkpoint
+# Taken from config.model even when init_from supplies the architecture: how to run, not what the network is.
+RUNTIME_KEYS = ('compute_dtype', 'param_dtype', 'remat', 'attention', 'dropout')
 METHODS = ('lora', 'full')
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneModel:
-  """Transformer [+ ClassificationHead] [+ LoRA], with flax's init/apply signatures; frozen params get no gradient."""
+  """Transformer [+ ClassificationHead] [+ LoRA adapters] behind flax's init/apply signatures."""
   config: ModelConfig
   num_classes: int = 0          # > 0: class logits from a head instead of token logits
   pooling: str = 'mean'
@@ -84,7 +88,6 @@ class FinetuneModel:
 
 
 def _is_box(x) -> bool:
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return isinstance(x, nn.LogicallyPartitioned)
 
 

@@ -91,7 +91,7 @@ def summarize_eval(sums) -> dict:
 
 
 def describe_eval(metrics: dict) -> str:
-  """One progress line for eval metrics: loss and bits/byte for language models, accuracy and macro-F1 for classifiers."""
+  """One progress line of eval metrics: loss and bits/byte (language models) or accuracy and macro-F1 (classifiers)."""
   parts = [f'eval loss {metrics["eval_loss"]:.4f}']
   names = {'eval_bits_per_byte': 'bits/byte', 'eval_accuracy': 'accuracy', 'eval_macro_f1': 'macro-F1'}
   shown = ('eval_bits_per_byte',) if 'eval_bits_per_byte' in metrics else ('eval_accuracy', 'eval_macro_f1')
