@@ -27,9 +27,9 @@ def child_env(tmp_path_factory, devices: int = 2) -> dict:
 
 
 def start(workdir, env) -> subprocess.Popen:
-  log = open(os.path.join(workdir, 'out.log'), 'a')  # pylint: disable=consider-using-with  (closed with the child)
-  return subprocess.Popen([sys.executable, '-m', 'experiments.train', *TRAIN_FLAGS, f'--workdir={workdir}'],
-                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  with open(os.path.join(workdir, 'out.log'), 'a') as log:  # the child keeps its own copy of the file
+    return subprocess.Popen([sys.executable, '-m', 'experiments.train', *TRAIN_FLAGS, f'--workdir={workdir}'],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(child: subprocess.Popen, timeout: float = 120) -> int:

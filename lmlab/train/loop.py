@@ -92,8 +92,8 @@ class Trainer:
     if mismatch:
       raise ValueError(f'--config.init_from={path} does not fit this model: {mismatch}; set --config.model.* to '
                        'the pretrained model\'s config')
-    differ = [k for k, v in model_config_to_dict(pretrained_config).items()
-              if model_config_to_dict(self.parts.model_config).get(k) != v]
+    ours = model_config_to_dict(self.parts.model_config)
+    differ = [k for k, v in model_config_to_dict(pretrained_config).items() if ours.get(k) != v]
     if differ:
       log(f'note: the run\'s model config differs from {path}\'s in {", ".join(differ)} (shapes match)')
     leaves = dict(zip(flat, jax.tree.leaves(params)))
