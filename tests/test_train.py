@@ -153,3 +153,11 @@ def test_config_errors_exit_2_with_one_line(flag, message, tmp_path):
   assert result.returncode == 2, result.stderr
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_expert_load_matrix_orders_layers_numerically():
+  from lmlab.train import metrics  # pylint: disable=g-import-not-at-top
+  row = {f'moe/load/layer{i}': [i, 1 - i] for i in (10, 2, 0, 1)} | {'loss': 1.0}
+  load = metrics.expert_load(row)
+  assert load[:, 0].tolist() == [0, 1, 2, 10]
+  assert metrics.expert_load({'loss': 1.0}) is None

@@ -40,7 +40,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_every = 100              # steps between evaluations; 0 disables
   c.eval_batches = 8              # validation batches per evaluation
   c.checkpoint_every = 200        # steps between checkpoints; 0 disables
-  c.keep_checkpoints = 3          # newest checkpoints kept
+  c.keep_checkpoints = 3          # newest N checkpoints kept, plus the one with the best eval loss
   c.restore = 'latest'            # latest (newest intact checkpoint of this run, else a fresh start) | none
                                   # (fresh start; this run's checkpoints are moved aside) | STEP (that step
                                   # of this run; newer ones are moved aside) | PATH (a checkpoint step dir,

@@ -224,12 +224,10 @@ class Trainer:
                'num_params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
                'workdir': os.path.abspath(self.workdir)}
     if self.is_main:
-      metrics_lib.plot_loss(rows, os.path.join(self.workdir, 'loss.png'))
-      loads = [r for r in train_rows if 'moe/load/layer0' in r]
-      if loads:
-        layers = sorted(k for k in loads[-1] if k.startswith('moe/load/layer'))
-        metrics_lib.plot_expert_load(np.array([loads[-1][k] for k in layers]),
-                                     os.path.join(self.workdir, 'expert_load.png'))
+      metrics_lib.plot_loss(rows, os.path.join(self.workdir, 'loss.png'), baseline=summary['unigram_entropy'])
+      load_LE = metrics_lib.expert_load(train_rows[-1]) if train_rows else None
+      if load_LE is not None:
+        metrics_lib.plot_expert_load(load_LE, os.path.join(self.workdir, 'expert_load.png'))
       with open(os.path.join(self.workdir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=2)
     return summary

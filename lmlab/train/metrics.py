@@ -53,8 +53,14 @@ def read_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss(rows: list[dict], path: str) -> None:
-  """Train and eval loss against step."""
+def expert_load(row: dict) -> np.ndarray | None:
+  """The [MoE layer, expert] load matrix logged in a metrics row, or None for a dense model."""
+  layers = sorted((int(k.rsplit('layer', 1)[1]), v) for k, v in row.items() if k.startswith('moe/load/layer'))
+  return np.array([v for _, v in layers]) if layers else None
+
+
+def plot_loss(rows: list[dict], path: str, baseline: float | None = None) -> None:
+  """Train and eval loss against step, with the unigram entropy of the validation tokens as the line to beat."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -63,6 +69,8 @@ def plot_loss(rows: list[dict], path: str) -> None:
     points = [(r['step'], r[key]) for r in rows if key in r]
     if points:
       ax.plot(*zip(*points), label=label, marker='o' if key == 'eval_loss' else None)
+  if baseline is not None:
+    ax.axhline(baseline, color='gray', linestyle='--', label=f'unigram entropy ({baseline:.2f})')
   ax.set_xlabel('step')
   ax.set_ylabel('loss (nats / token)')
   ax.grid(alpha=0.3)
