@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 workdir=${WORKDIR:-runs/main}
-.venv/bin/python -m experiments.train --config=experiments/configs/moe_tiny.py --workdir="$workdir" "$@"
+config=(--config=experiments/configs/moe_tiny.py)
+for arg in "$@"; do [[ $arg == --config=* ]] && config=(); done
+.venv/bin/python -m experiments.train "${config[@]}" --workdir="$workdir" "$@"
