@@ -26,6 +26,10 @@ class Sampling:
   top_k: int = 0       # keep the k most likely tokens; 0: all
   top_p: float = 1.0   # keep the smallest set of tokens whose probability reaches top_p; 1: all
 
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f'sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {self}')
+
 
 def sample_logits(logits_BV, rng, sampling: Sampling):
   """Next token per row: argmax at temperature 0, else a draw from the temperature/top-k/top-p filtered softmax."""
@@ -82,7 +86,7 @@ def make_generate(config: ModelConfig, max_new_tokens: int, sampling: Sampling, 
                                            mutable=['cache'])
     return logits_BLV[:, -1], mutated['cache']
 
-  def generate(variables, tokens_BP, lengths_B, rng):
+  def run(variables, tokens_BP, lengths_B, rng):
     B, P = tokens_BP.shape
     if config.position == 'learned' and P + N > config.max_len:
       raise ValueError(f'prompt ({P}) + max_new_tokens ({N}) exceeds the model\'s {config.max_len} positions')
@@ -110,7 +114,7 @@ def make_generate(config: ModelConfig, max_new_tokens: int, sampling: Sampling, 
     _, _, _, _, out_BN, count_B, _ = jax.lax.while_loop(cond, body, init)
     return out_BN, count_B
 
-  return jax.jit(generate)
+  return jax.jit(run)
 
 
 def generate(config: ModelConfig, variables, prompts: list[list[int]], max_new_tokens: int,

@@ -58,3 +58,10 @@ def test_training_moves_only_the_adapters():
   assert float(after.model_state['frozen']['lora']['scale']) == 2.0  # alpha / r: a constant, not trained
   moved = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), after.params['lora'], before.params['lora'])
   assert all(v > 0 for v in jax.tree.leaves(moved))
+
+
+def test_full_finetuning_trains_every_weight():
+  before, after = run_steps(sft_config(method='full'), steps=2)
+  assert after.model_state['frozen'] == {} and 'lora' not in after.params
+  moved = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), after.params, before.params)
+  assert all(v > 0 for v in jax.tree.leaves(moved))
