@@ -10,6 +10,15 @@ from lmlab.models import ModelConfig, Transformer
 from lmlab.models.attention import einsum_attention, attention_mask
 from lmlab.models.layers import rope
 
+
+
+@pytest.fixture(autouse=True)
+def strict_rank_promotion():
+  """Every broadcast in the model is explicit (nanodo's habit): implicit rank promotion raises here."""
+  with jax.numpy_rank_promotion('raise'):
+    yield
+
+
 TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64,
                    compute_dtype='float32')
 

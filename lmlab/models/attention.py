@@ -17,7 +17,7 @@ def attention_mask(segment_ids_BL, causal: bool, kv_segment_ids_BS=None):
   mask_BLS = segment_ids_BL[:, :, None] == kv[:, None, :]
   if causal:
     L, S = segment_ids_BL.shape[1], kv.shape[1]
-    mask_BLS &= jnp.tril(jnp.ones((L, S), bool), k=S - L)
+    mask_BLS &= jnp.tril(jnp.ones((L, S), bool), k=S - L)[None]
   return mask_BLS
 
 
@@ -55,7 +55,7 @@ def cached_mask(segment_ids_BL, kv_segment_ids_BS, index):
   """Decoding mask: same segment and key slot <= query slot, the queries sitting at slots index..index+L-1."""
   L, S = segment_ids_BL.shape[1], kv_segment_ids_BS.shape[1]
   causal_LS = jnp.arange(S)[None, :] <= index + jnp.arange(L)[:, None]
-  return (segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]) & causal_LS
+  return (segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]) & causal_LS[None]
 
 
 class Attention(nn.Module):

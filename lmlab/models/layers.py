@@ -49,7 +49,7 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param('bias', partitioned(nn.initializers.zeros, self.names[n_in:]), tuple(self.features),
                         dtype(c.param_dtype))
-      y = y + bias.astype(y.dtype)
+      y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - n_out) + tuple(self.features))
     return y
 
 
@@ -65,11 +65,14 @@ class Norm(nn.Module):
   def __call__(self, x_BLD):
     c = self.config
     x = x_BLD.astype(jnp.float32)
-    scale = self.param('scale', partitioned(nn.initializers.ones, ('embed',)), (x.shape[-1],), dtype(c.param_dtype))
+    lead = (1,) * (x.ndim - 1)  # explicit broadcast: works with jax_numpy_rank_promotion='raise'
+    scale = self.param('scale', partitioned(nn.initializers.ones, ('embed',)), (x.shape[-1],),
+                       dtype(c.param_dtype)).reshape(lead + (-1,))
     if c.norm == 'rms':
       y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * scale
     elif c.norm == 'layer':
-      bias = self.param('bias', partitioned(nn.initializers.zeros, ('embed',)), (x.shape[-1],), dtype(c.param_dtype))
+      bias = self.param('bias', partitioned(nn.initializers.zeros, ('embed',)), (x.shape[-1],),
+                        dtype(c.param_dtype)).reshape(lead + (-1,))
       mean = jnp.mean(x, axis=-1, keepdims=True)
       var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
       y = (x - mean) * jax.lax.rsqrt(var + c.norm_eps) * scale + bias
@@ -82,7 +85,7 @@ def rope(x_BLHK, positions_BL, base: float):
   """Rotary embedding, Hugging Face half-split layout (rotate_half), angles in float32."""
   K = x_BLHK.shape[-1]
   inv_freq_k = 1.0 / (base ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
-  angles_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq_k
+  angles_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq_k[None, None, :]
   cos_BL1K = jnp.cos(jnp.concatenate([angles_BLk, angles_BLk], -1))[:, :, None, :]
   sin_BL1K = jnp.sin(jnp.concatenate([angles_BLk, angles_BLk], -1))[:, :, None, :]
   x = x_BLHK.astype(jnp.float32)
