@@ -144,6 +144,7 @@ def tokenizer_from_metadata(info: dict):
 
 def load_workdir(workdir: str, step: int | None = None):
   """(ModelConfig, params, tokenizer, step) from a run's latest (or given) checkpoint; only weights are read."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
@@ -152,15 +153,16 @@ def load_workdir(workdir: str, step: int | None = None):
   step = steps[-1] if step is None else step
   with open(os.path.join(directory, str(step), 'metadata', 'metadata')) as f:
     meta = json.load(f)
-  state_dir = os.path.join(directory, str(step), 'state')
-  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  state_dir = epath.Path(directory) / str(step) / 'state'
+  handler = ocp.PyTreeCheckpointHandler()  # the item alone: no checkpoint-level metadata is looked for
+  tree = handler.metadata(state_dir).tree
   # Fine-tuning keeps frozen weights in the model_state collection 'frozen'; the model needs both.
   wanted = {'params': tree['params'], **({'model_state': {'frozen': tree['model_state']['frozen']}}
                                          if 'frozen' in (tree.get('model_state') or {}) else {})}
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
+  restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                    partial_restore=True))
   params = restored['params']
   if 'model_state' in restored:
     from lmlab.finetune import lora  # pylint: disable=g-import-not-at-top
