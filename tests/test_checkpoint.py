@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments.configs import dense_tiny
+import tiny
 from lmlab import convert, distributed
 from lmlab.train import build, checkpoint, loop
 
@@ -17,17 +17,7 @@ from lmlab.train import build, checkpoint, loop
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
 
-def tiny_config(**overrides):
-  c = dense_tiny.get_config()
-  c.batch_size, c.seq_len, c.progress = 8, 32, False
-  c.model.d_model, c.model.num_layers, c.model.ffn_dim = 32, 2, 64
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split('.')
-    for name in path:
-      target = target[name]
-    target[last] = value
-  return c
+tiny_config = tiny.dense_config
 
 
 def small_tree(seed: int):

@@ -10,6 +10,7 @@ import tempfile
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from experiments.configs import base, minilm_classify
 from lmlab import convert
@@ -46,13 +47,7 @@ def sft_config(method='lora', **overrides):
   c.model.update(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64,
                  compute_dtype='float32')
   c.finetune.lora_rank, c.finetune.lora_alpha = 4, 8.0
-  for key, value in overrides.items():
-    *path, last = key.split('.')
-    target = c
-    for name in path:
-      target = target[name]
-    target[last] = value
-  return c
+  return tiny.override(c, **overrides)
 
 
 def run_steps(config, steps):

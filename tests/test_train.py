@@ -9,25 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
-from experiments.configs import dense_tiny
 from lmlab.train import build, loop, optim, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
-  c = dense_tiny.get_config()
-  c.batch_size, c.seq_len, c.warmup_steps, c.learning_rate = 8, 32, 2, 1e-2
-  c.model.d_model, c.model.num_layers, c.model.ffn_dim = 32, 2, 64
-  c.progress = False
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split('.')
-    for name in path:
-      target = target[name]
-    target[last] = value
-  return c
+  return tiny.dense_config(**{'warmup_steps': 2, 'learning_rate': 1e-2, **overrides})
 
 
 def random_batch(config, seed=0):

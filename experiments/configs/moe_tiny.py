@@ -1,24 +1,10 @@
-"""A byte-level MoE decoder (8 experts, top-2, dropless) that learns visibly on 2 CPU cores in minutes."""
-from experiments.configs.base import get_base_config
+"""dense_tiny with an 8-expert top-2 dropless MoE in every layer; learns visibly on 2 CPU cores in minutes."""
+from experiments.configs import dense_tiny
 
 
 def get_config():
-  c = get_base_config()
+  c = dense_tiny.get_config()
   c.steps = 400
-  c.batch_size = 16
-  c.seq_len = 128
-  c.learning_rate = 3e-3
-  c.warmup_steps = 50
-  c.eval_every = 200
-  c.eval_batches = 4
-  c.checkpoint_every = 200
-  c.model.vocab_size = 384
-  c.model.d_model = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.ffn_dim = 384
-  c.model.compute_dtype = 'float32'
   c.model.moe.num_experts = 8
   c.model.moe.top_k = 2
   c.model.moe.expert_ffn_dim = 128
