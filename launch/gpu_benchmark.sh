@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU benchmark: lmlab presets beside the HF/torch peer on the same card, MoE expert scaling.
 # Run on the device machine from the repo root with .bench/ (peer_torch.py, jax_peak.py) and .whl/ carried.
+# MOE_ONLY=1 re-checks only the MoE presets and expert scaling.
 # SMOKE=1 runs the same plumbing on tiny configs (CPU) to check the script before spending GPU time.
 set -uo pipefail
 OUT=${OUT:-/tmp/lmlab_bench}; mkdir -p "$OUT"
@@ -33,6 +34,16 @@ if [ "${SMOKE:-0}" = 1 ]; then
   exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ "${MOE_ONLY:-0}" = 1 ]; then  # the short MoE re-check: dropless paths, expert scaling, the peer beside them
+  lmlab moe_8x2
+  lmlab moe_32x4
+  peer moe-8x2 moe-32x4
+  for experts in 8 32 64; do
+    lmlab moe_8x2 --config.model.num_layers=4 --config.model.moe.num_experts=$experts
+  done
+  echo "benchmark finished"
+  exit 0
+fi
 $PY .bench/jax_peak.py | tee -a "$results"
 lmlab dense_1b
 lmlab dense_135m
