@@ -12,6 +12,16 @@ computation runs per device inside `jax.shard_map` when a mesh is active, with `
 Conventions: capacity groups are the batch rows (C counts one sequence's tokens), so sharding the batch never
 changes which tokens are dropped; `load` has one entry per router slot (N, zero-computation experts last);
 jitter draws from the `dropout` stream, which the layer scan splits per layer.
+
+Dropless grouped matmul (MegaBlocks-style, dense ops only): rows sorted by expert are padded per expert to
+blocks of b rows (at most ceil(A / b) + E blocks, each one expert's), and each SwiGLU matmul is one batched
+einsum over blocks against per-block copies of the weights, W[expert of block]. `jax.lax.ragged_dot` is not
+used: XLA's GPU lowering costs time and memory linear in E (H100, bf16, one layer of 16384 tokens, D 1024,
+F 2816, top-2, forward + backward: ragged_dot 24 / 48 / 89 / 181 ms and 4.3 / 8.5 / 17 / 34 GiB of temporaries
+at E = 8 / 16 / 32 / 64; blocks 17 / 18 / 21 / 23 ms and 5.1 / 5.2 / 5.5 / 5.6 GiB). The weight copies take
+(A / b + E) * D * F per matmul (1.5 GiB in bf16 at E = 8 above); a custom VJP gathers them again in the backward
+instead of keeping them (plain autodiff would save three per layer), and sums each expert's per-block weight
+gradients (float32, sorted segment sum). Padding and unpadding are row gathers whose backward is the other.
 """
 import functools
 import math
@@ -135,17 +145,84 @@ def _sort_by_group(group_A):
   return order_A, jnp.argsort(order_A)
 
 
-def _ragged_swiglu(x_AD, group_sizes_E, experts, tp):
-  """Grouped SwiGLU over rows sorted by expert; rows past sum(group_sizes) come out exactly zero."""
-  wi_gate_EDF, wi_up_EDF, wo_EFD = experts
-  cdt = x_AD.dtype
-  gate_AF = jax.lax.ragged_dot(x_AD, wi_gate_EDF, group_sizes_E, preferred_element_type=cdt)
-  up_AF = jax.lax.ragged_dot(x_AD, wi_up_EDF, group_sizes_E, preferred_element_type=cdt)
-  y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, wo_EFD, group_sizes_E, preferred_element_type=cdt)
-  if tp:
-    y_AD = jax.lax.psum(y_AD, tp)
-  used_A = jnp.arange(x_AD.shape[0]) < jnp.sum(group_sizes_E)
-  return jnp.where(used_A[:, None], y_AD, 0)
+def _block_size(num_rows: int, num_experts: int) -> int:
+  """Rows per block: the next power of two >= the mean group size, at most 128 (tiny inputs stay tiny)."""
+  return min(128, 1 << max(0, math.ceil(math.log2(max(1, num_rows / num_experts)))))
+
+
+@jax.custom_vjp
+def _move_rows(x_AD, index_R, valid_R, inverse_A, used_A):
+  """where(valid_R, x_AD[index_R], 0) for a one-to-one row map; its backward gathers with the inverse map."""
+  return jnp.where(valid_R[:, None], x_AD[index_R], 0)
+
+
+def _move_rows_fwd(x_AD, index_R, valid_R, inverse_A, used_A):
+  return _move_rows(x_AD, index_R, valid_R, inverse_A, used_A), (index_R, valid_R, inverse_A, used_A)
+
+
+def _move_rows_bwd(res, g_RD):
+  index_R, valid_R, inverse_A, used_A = res
+  return _move_rows(g_RD, inverse_A, used_A, index_R, valid_R), None, None, None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
+@jax.custom_vjp
+def _block_matmul(x_NbD, w_EDF, expert_N):
+  """x_NbD[n] @ w_EDF[expert_N[n]] for every block n: one batched matmul over per-block copies of the weights."""
+  return jnp.einsum('NbD,NDF->NbF', x_NbD, w_EDF[expert_N])
+
+
+def _block_matmul_fwd(x_NbD, w_EDF, expert_N):
+  return _block_matmul(x_NbD, w_EDF, expert_N), (x_NbD, w_EDF, expert_N)
+
+
+def _block_matmul_bwd(res, g_NbF):
+  # The gathered weights are not saved but gathered again; each expert's gradient sums its (sorted) blocks.
+  x_NbD, w_EDF, expert_N = res
+  dx_NbD = jnp.einsum('NbF,NDF->NbD', g_NbF, w_EDF[expert_N])
+  dw_NDF = jnp.einsum('NbD,NbF->NDF', x_NbD, g_NbF, preferred_element_type=jnp.float32)
+  dw_EDF = jax.ops.segment_sum(dw_NDF, expert_N, num_segments=w_EDF.shape[0], indices_are_sorted=True)
+  return dx_NbD, dw_EDF.astype(w_EDF.dtype), None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
+def _vary_alike(*xs):
+  """Casts arrays to vary over the union of their manual mesh axes, as a custom VJP's inputs and outputs must."""
+  varying_X = [jax.typeof(x).manual_axis_type.varying for x in xs]
+  union = frozenset().union(*varying_X)
+  return [jax.lax.pcast(x, tuple(sorted(union - v)), to='varying') for x, v in zip(xs, varying_X)]
+
+
+def _grouped_swiglu(x_AD, group_sizes_E, experts, tp):
+  """SwiGLU over rows sorted by expert, as blocks of one expert each; rows past sum(group_sizes) come out zero."""
+  A, D = x_AD.shape
+  E = group_sizes_E.shape[0]
+  b = _block_size(A, E)
+  num_blocks = -(-A // b) + E  # each group wastes less than one block
+  blocks_E = (group_sizes_E + b - 1) // b
+  block_end_E, row_end_E = jnp.cumsum(blocks_E), jnp.cumsum(group_sizes_E)
+  block_start_E, row_start_E = block_end_E - blocks_E, row_end_E - group_sizes_E
+  # Padded row r = n * b + j of block n is row j of expert_N[n]'s block n - block_start; E marks an unused block.
+  expert_N = jnp.searchsorted(block_end_E, jnp.arange(num_blocks), side='right')
+  e_R = jnp.minimum(jnp.repeat(expert_N, b), E - 1)
+  position_R = jnp.arange(num_blocks * b) - block_start_E[e_R] * b  # place in its expert's group
+  valid_R = (jnp.repeat(expert_N, b) < E) & (position_R < group_sizes_E[e_R])
+  source_R = jnp.where(valid_R, row_start_E[e_R] + position_R, 0)
+  row_A = jnp.arange(A)
+  e_A = jnp.minimum(jnp.searchsorted(row_end_E, row_A, side='right'), E - 1)
+  used_A = row_A < row_end_E[-1]
+  dest_A = jnp.where(used_A, block_start_E[e_A] * b + row_A - row_start_E[e_A], 0)
+  x_NbD = _move_rows(x_AD, source_R, valid_R, dest_A, used_A).reshape(num_blocks, b, D)
+  expert_N = jnp.minimum(expert_N, E - 1)  # unused blocks hold zero rows: any expert will do
+  x_NbD, wi_gate_EDF, wi_up_EDF, wo_EFD = _vary_alike(x_NbD, *experts)  # autodiff psums the cast's transpose
+  h_NbF = jax.nn.silu(_block_matmul(x_NbD, wi_gate_EDF, expert_N)) * _block_matmul(x_NbD, wi_up_EDF, expert_N)
+  y_RD = _block_matmul(h_NbF, wo_EFD, expert_N).reshape(num_blocks * b, D)
+  y_AD = _move_rows(y_RD, dest_A, used_A, source_R, valid_R)
+  return jax.lax.psum(y_AD, tp) if tp else y_AD
 
 
 def _exchange_ragged(xs_AD, expert_sorted_A, counts_E, experts, ep, tp):
@@ -171,7 +248,7 @@ def _exchange_ragged(xs_AD, expert_sorted_A, counts_E, experts, ep, tp):
   local_PA = jax.vmap(lambda ends_E: jnp.searchsorted(ends_E, row_A, side='right'))(ends_PE)  # El: unused row
   order_M, inverse_M = _sort_by_group(local_PA.reshape(-1))
   xr_MD = _permute(recv_PAD.reshape(-1, D), order_M, inverse_M)
-  yr_MD = _ragged_swiglu(xr_MD, jnp.sum(recv_counts_PE, axis=0), experts, tp)
+  yr_MD = _grouped_swiglu(xr_MD, jnp.sum(recv_counts_PE, axis=0), experts, tp)
   y_PAD = _permute(yr_MD, inverse_M, order_M).reshape(n_shards, A, D)
   back_PAD = jax.lax.all_to_all(y_PAD, ep, 0, 0, tiled=True)  # [expert shard, row, D] on the source again
   shard_A = jnp.minimum(expert_sorted_A // El, n_shards - 1)
@@ -181,7 +258,7 @@ def _exchange_ragged(xs_AD, expert_sorted_A, counts_E, experts, ep, tp):
 
 
 def _dropless_experts(x_GTD, choice_GTK, valid_GTK, weights_GTK, experts, ep=(), tp=()):
-  """Sort token copies by expert, grouped matmul (ragged_dot), unsort and combine; nothing is dropped."""
+  """Sort token copies by expert, block-grouped SwiGLU, unsort and combine; nothing is dropped."""
   G, T, D = x_GTD.shape
   K = choice_GTK.shape[-1]
   E = experts[0].shape[0] * _axis_size(ep)
@@ -192,7 +269,7 @@ def _dropless_experts(x_GTD, choice_GTK, valid_GTK, weights_GTK, experts, ep=(),
   if ep:
     ys_AD = _exchange_ragged(xs_AD, expert_A[order_A], counts_E, experts, ep, tp)
   else:
-    ys_AD = _ragged_swiglu(xs_AD, counts_E, experts, tp)
+    ys_AD = _grouped_swiglu(xs_AD, counts_E, experts, tp)
   y_GTKD = _permute(ys_AD, inverse_A, order_A).reshape(G, T, K, D)
   return jnp.einsum('GTKD,GTK->GTD', y_GTKD.astype(jnp.float32), weights_GTK).astype(x_GTD.dtype)
 
