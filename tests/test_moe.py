@@ -5,6 +5,7 @@ Expert parallelism on 8 simulated devices is in test_moe_parallel.py (slower: on
 import dataclasses
 import functools
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -93,6 +94,40 @@ def test_sort_backward_gathers_instead_of_scattering():
   grad = jax.grad(lambda x: jnp.sum(jnp.sin(moe._permute(x, order_A, inverse_A))))  # pylint: disable=protected-access
   assert 'scatter' not in str(jax.make_jaxpr(grad)(x_AD))
   np.testing.assert_allclose(grad(x_AD), jax.grad(lambda x: jnp.sum(jnp.sin(x[order_A])))(x_AD), rtol=1e-6)
+
+
+def test_dropless_with_empty_and_overfull_experts():
+  # Every token picks expert 0 (several blocks); experts 1-3 get no tokens, padding tokens sort past the end.
+  c = config(dispatch='dropless', top_k=1)
+  x_BLD, segment_ids_BL = inputs()
+  x_BLD = jnp.abs(x_BLD) + 0.5
+  variables = init_params(c, x_BLD, segment_ids_BL)
+  variables['params']['router'] = jnp.zeros((D, 4)).at[:, 0].set(1.0)
+  y, metrics, grads = output_and_grads(c, variables, x_BLD, segment_ids_BL)
+  y_ref, metrics_ref, grads_ref = output_and_grads(replace(c, dispatch='reference'), variables, x_BLD, segment_ids_BL)
+  np.testing.assert_allclose(metrics['load'], [1.0, 0.0, 0.0, 0.0])
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+  assert_trees_close(grads, grads_ref, what='grads')
+  wi_up_grad = np.asarray(grads[0]['wi_up'])
+  assert np.all(wi_up_grad[1:] == 0) and np.abs(wi_up_grad[0]).max() > 0
+
+
+def test_dropless_is_block_matmuls_with_no_all_experts_intermediate():
+  # ragged_dot lowered to dense work over all experts (E * A * F intermediates); the block path stays near A * F.
+  E = 16
+  c = config(dispatch='dropless', num_experts=E)
+  x_BLD, segment_ids_BL = inputs(L=64)
+  variables = init_params(c, x_BLD, segment_ids_BL)
+
+  def loss(params, x):
+    y_BLD, metrics = moe.MoeMlp(c).apply({**variables, 'params': params}, x, segment_ids_BL)
+    return jnp.sum(jnp.sin(y_BLD)) + metrics['loss']
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables['params'], x_BLD).as_text()
+  assert 'ragged_dot' not in hlo and 'dot_general' in hlo
+  sizes = [math.prod(map(int, dims.split('x')[:-1])) for dims in re.findall(r'tensor<((?:\d+x)+)', hlo)]
+  A = x_BLD.shape[0] * x_BLD.shape[1] * 2
+  assert max(sizes) < E * A * min(D, F) // 2, max(sizes)
 
 
 def test_capacity_drops_exactly_the_overflowing_token():
