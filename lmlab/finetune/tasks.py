@@ -8,6 +8,7 @@ step and eval apply unchanged. Frozen weights live outside `params`, in the non-
 collection of the TrainState's model_state: the step differentiates and the optimizer updates (and
 keeps Adam moments for) the trainable leaves only.
 """
+import abc
 import dataclasses
 import json
 
@@ -139,7 +140,7 @@ def summarize_classification(sums) -> dict:
           'eval_confusion': json.dumps(np.asarray(sums['confusion']).round().astype(int).tolist())}
 
 
-class Task:
+class Task(abc.ABC):
   """Model, tokenizer, pretrained params and data of one fine-tuning run, built from the config."""
   kind = ''
 
@@ -165,8 +166,9 @@ class Task:
     self.model = FinetuneModel(self.model_config, deterministic=self.model_config.dropout == 0, **settings)
     self.eval_model = FinetuneModel(self.model_config, deterministic=True, **settings)
 
+  @abc.abstractmethod
   def setup_data(self) -> list[str]:
-    raise NotImplementedError
+    """Builds the task's datasets; returns the label names (empty for SFT)."""
 
   def load_pretrained(self, state, shardings):
     """state with every pretrained tensor put in place, sharded, in params or the frozen collection."""
