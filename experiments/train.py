@@ -1,4 +1,5 @@
 """Train a model from a config: python -m experiments.train --config=experiments/configs/dense_tiny.py --workdir=DIR."""
+import os
 import sys
 
 from absl import flags
@@ -25,10 +26,12 @@ def main(argv):
   except loop.Preempted as preempted:  # a clean stop: the same command resumes
     loop.log(str(preempted))
     sys.exit(0)
+  outputs = [name for name in ('summary.json', 'metrics.jsonl', 'loss.png', 'expert_load.png', 'tensorboard',
+                                'checkpoints') if os.path.exists(os.path.join(summary['workdir'], name))]
   loop.log(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f} nats/token '
-           f'(unigram entropy {summary["unigram_entropy"]:.4f}), bits/byte {summary.get("eval_bits_per_byte", float("nan")):.4f}; '
-           f'results in {summary["workdir"]} '
-           '(summary.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/)')
+           f'(unigram entropy {summary["unigram_entropy"]:.4f}), '
+           f'bits/byte {summary.get("eval_bits_per_byte", float("nan")):.4f}; '
+           f'results in {summary["workdir"]}: {", ".join(outputs)}')
 
 
 if __name__ == '__main__':

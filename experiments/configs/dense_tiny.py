@@ -9,7 +9,7 @@ def get_config():
   c.seq_len = 128
   c.learning_rate = 3e-3
   c.warmup_steps = 50
-  c.eval_every = 200
+  c.eval_every = 100
   c.eval_batches = 4
   c.checkpoint_every = 200
   c.model.vocab_size = 384
