@@ -17,7 +17,8 @@ def _forward(model, params, model_state, batch, rngs=None):
 def lm_loss_fn(model, z_loss: float):
   """(params, model_state, batch, rng) -> (loss sum, nll sum, aux): weighted token cross-entropy (+ z-loss)."""
   def loss_fn(params, model_state, batch, rng):
-    logits_BLV, aux = _forward(model, params, model_state, batch, rngs={'dropout': rng, 'jitter': rng})
+    # One 'dropout' stream: the layer scan splits it per layer, and MoE router jitter draws from it too.
+    logits_BLV, aux = _forward(model, params, model_state, batch, rngs={'dropout': rng})
     nll_sum, z_sum, _ = losses.token_cross_entropy(logits_BLV, batch['targets'], batch['weights'])
     return nll_sum + z_loss * z_sum, nll_sum, aux
   return loss_fn
