@@ -151,3 +151,16 @@ def test_expert_load_matrix_orders_layers_numerically():
   load = metrics.expert_load(row)
   assert load[:, 0].tolist() == [0, 1, 2, 10]
   assert metrics.expert_load({'loss': 1.0}) is None
+
+
+def test_metrics_truncate_after_drops_later_and_cut_short_rows(tmp_path):
+  from lmlab.train import metrics  # pylint: disable=g-import-not-at-top
+  writer = metrics.MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3, 4):
+    writer.write(step, {'loss': float(step)})
+  with open(writer.path, 'a') as f:
+    f.write('{"step": 5, "lo')  # a row cut short by a kill
+  assert writer.truncate_after(2) == 3
+  writer.write(3, {'loss': 0.5})
+  writer.close()
+  assert [(r['step'], r['loss']) for r in metrics.read_rows(writer.path)] == [(1, 1.0), (2, 2.0), (3, 0.5)]

@@ -107,17 +107,9 @@ class Trainer:
 
   def drop_metrics_after(self, step: int) -> None:
     """Rows past `step` came from a run that died after its last checkpoint: drop them, keep one clean history."""
-    path = self.writer.path
-    if not self.is_main or not os.path.exists(path):
-      return
-    with open(path) as f:
-      lines = f.read().splitlines()
-    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
-    if len(kept) < len(lines):
-      with open(path + '.tmp', 'w') as f:
-        f.writelines(line + '\n' for line in kept)
-      os.replace(path + '.tmp', path)
-      log(f'metrics.jsonl: dropped {len(lines) - len(kept)} rows past step {step}')
+    dropped = self.writer.truncate_after(step)
+    if dropped:
+      log(f'metrics.jsonl: dropped {dropped} rows past step {step}')
 
   def eval_batches(self):
     eval_iter = self.batches(self.config.data.eval_split, shuffle=False)
@@ -248,11 +240,3 @@ def _place(value, target: jax.ShapeDtypeStruct) -> jax.Array:
   """A host array as a global array on `target`'s sharding; each process fills only its own shards."""
   value = np.asarray(value, dtype=target.dtype)
   return jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])
-
-
-def _row_step(line: str) -> int | None:
-  """The step of a metrics.jsonl line; None for a line cut short by a kill."""
-  try:
-    return int(json.loads(line)['step'])
-  except (ValueError, KeyError, TypeError):
-    return None

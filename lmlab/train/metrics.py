@@ -26,10 +26,32 @@ class MetricsWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tb_dir = os.path.join(workdir, 'tensorboard')
+    self.tb = self._tensorboard() if enabled else None
+
+  def _tensorboard(self, purge_step: int | None = None):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter(self.tb_dir, purge_step=purge_step)
+
+  def truncate_after(self, step: int) -> int:
+    """Forgets rows past `step` (a resumed run rewrites them) in metrics.jsonl and TensorBoard; returns how many.
+
+    Lines cut short by a kill go too. TensorBoard readers drop events past `step` via purge_step.
+    """
+    if not self.enabled:
+      return 0
+    self.tb.close()
+    self.tb = self._tensorboard(purge_step=step + 1)
+    if not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = f.read().splitlines()
+    kept = [line for line, row_step in zip(lines, map(_row_step, lines)) if row_step is not None and row_step <= step]
+    if len(kept) < len(lines):
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(line + '\n' for line in kept)
+      os.replace(self.path + '.tmp', self.path)
+    return len(lines) - len(kept)
 
   def write(self, step: int, metrics: dict) -> dict:
     row = {'step': int(step), **flatten(metrics)}
@@ -95,3 +117,11 @@ def plot_expert_load(load_LE: np.ndarray, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def _row_step(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a line cut short by a kill."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
