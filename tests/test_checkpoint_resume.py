@@ -9,21 +9,10 @@ import sys
 import time
 
 import pytest
+import tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 24
-TRAIN_FLAGS = ['--config.model.d_model=32', '--config.model.num_layers=2', '--config.model.ffn_dim=64',
-               '--config.seq_len=32', '--config.batch_size=8', f'--config.steps={STEPS}', '--config.log_every=1',
-               '--config.checkpoint_every=4', '--config.eval_every=12', '--config.eval_batches=1',
-               '--config.progress=False']
-
-
-def child_env(tmp_path_factory, devices: int = 2) -> dict:
-  """Two CPU devices (not the eight of conftest) and a compilation cache shared by every run of the session."""
-  cache = tmp_path_factory.getbasetemp() / 'jax_cache'
-  return {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': str(cache),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+ROOT, STEPS = tiny.ROOT, tiny.STEPS
+TRAIN_FLAGS = tiny.train_flags(checkpoint_every=4)
 
 
 def start(workdir, env) -> subprocess.Popen:
@@ -63,7 +52,7 @@ def losses(workdir) -> list[tuple[int, float]]:
 
 def test_killed_and_preempted_runs_resume_with_the_uninterrupted_losses(tmp_path, tmp_path_factory):
   """Three runs side by side (the CPUs idle during compiles); then the two stopped ones restart side by side."""
-  env = child_env(tmp_path_factory)
+  env = tiny.child_env(tmp_path_factory, devices=2)
   runs = {name: tmp_path / name for name in ('uninterrupted', 'killed', 'preempted')}
   for workdir in runs.values():
     workdir.mkdir()

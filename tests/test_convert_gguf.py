@@ -116,23 +116,16 @@ def write_tiny_gguf(path, config, tensors, arch='llama', with_tokenizer=True, fo
   expected = {}
   for i, (name, value) in enumerate(sorted(tensors.items())):
     gname = gguf_io.GGUFFile.gguf_name(name)
-    if arch != 'llama':
-      pass
-    elif '.attn_q.' in gname:
-      value = gguf_io.permute(value, config.num_heads)
-    elif '.attn_k.' in gname:
-      value = gguf_io.permute(value, config.num_kv_heads)
+    # llama.cpp stores llama's Q/K rows permuted (qwen2's are not): permute on write, undo on the expected side.
+    heads = {'.attn_q.': config.num_heads, '.attn_k.': config.num_kv_heads}
+    permuted = next((h for key, h in heads.items() if key in gname), None) if arch == 'llama' else None
+    if permuted:
+      value = gguf_io.permute(value, permuted)
     kind = force_type or (Q.F32 if value.ndim == 1 else TYPES[i % len(TYPES)])
     data = gguf.quants.quantize(value, kind)
     w.add_tensor(gname, data, raw_dtype=kind)
     back = gguf.quants.dequantize(data, kind).reshape(value.shape)
-    if arch != 'llama':
-      pass
-    elif '.attn_q.' in gname:
-      back = gguf_io.unpermute(back, config.num_heads)
-    elif '.attn_k.' in gname:
-      back = gguf_io.unpermute(back, config.num_kv_heads)
-    expected[name] = back
+    expected[name] = gguf_io.unpermute(back, permuted) if permuted else back
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()

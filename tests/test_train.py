@@ -13,7 +13,7 @@ import tiny
 
 from lmlab.train import build, loop, optim, step as step_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = tiny.ROOT
 
 
 def tiny_config(**overrides):
