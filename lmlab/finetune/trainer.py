@@ -10,7 +10,6 @@ import os
 import jax
 import numpy as np
 
-from lmlab.data import pipeline
 from lmlab.train import loop
 
 
@@ -51,13 +50,9 @@ class FinetuneTrainer(loop.Trainer):
     batches = self.task.batches(self.config.data.eval_split, shuffle=False, repeat=False)
     return [b for _, b in zip(range(self.config.eval_batches), batches)]
 
-  def evaluate(self, state) -> dict:
-    sums = None
-    for batch in self.eval_batches():
-      out = self.eval_step(state.params, state.model_state, pipeline.to_global(batch, self.parts.mesh))
-      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    sums = jax.tree.map(lambda x: float(x) if np.ndim(x) == 0 else np.asarray(x), jax.device_get(sums))
-    return self.task.summarize_eval(sums)
+  def summarize_eval(self, sums) -> dict:
+    """The task's metrics (accuracy, macro-F1, confusion matrix for classification) from the summed counts."""
+    return self.task.summarize_eval(jax.tree.map(lambda x: float(x) if np.ndim(x) == 0 else np.asarray(x), sums))
 
   def unigram_entropy(self) -> float:
     """Classification: entropy of the validation labels (the loss of the best constant guess); SFT: as pretraining."""

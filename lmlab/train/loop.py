@@ -1,4 +1,5 @@
 """`run(config, workdir)`: build everything from the config, train, evaluate, checkpoint, report."""
+import functools
 import json
 import math
 import os
@@ -115,12 +116,21 @@ class Trainer:
     eval_iter = self.batches(self.config.data.eval_split, shuffle=False)
     return [next(eval_iter) for _ in range(self.config.eval_batches)]
 
+  @functools.cached_property
+  def validation(self) -> list:
+    """The validation batches, built once per run: evaluation is deterministic, so each eval sees the same ones."""
+    return self.eval_batches()
+
   def evaluate(self, state) -> dict:
     sums = None
-    for batch in self.eval_batches():
+    for batch in self.validation:
       out = self.eval_step(state.params, state.model_state, pipeline.to_global(batch, self.parts.mesh))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    return step_lib.summarize_eval(jax.tree.map(float, jax.device_get(sums)))
+    return self.summarize_eval(jax.device_get(sums))
+
+  def summarize_eval(self, sums) -> dict:
+    """Eval metrics from the summed counts of the eval step."""
+    return step_lib.summarize_eval(jax.tree.map(float, sums))
 
   def unigram_entropy(self) -> float:
     """Entropy (nats/token) of the validation targets' own unigram distribution: the loss to beat.
@@ -128,7 +138,7 @@ class Trainer:
     Fit on the very tokens it is scored on, so it is a lower bound for any unigram model.
     """
     counts = np.zeros(self.tokenizer.vocab_size)
-    for batch in self.eval_batches():
+    for batch in self.validation:
       np.add.at(counts, batch['targets'].ravel(), batch['weights'].ravel())
     if jax.process_count() > 1:  # each process counted only its own rows
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
