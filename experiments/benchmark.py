@@ -49,14 +49,17 @@ def main(argv):
     step_s = (time.perf_counter() - start) / _STEPS.value
   device = jax.devices()[0]
   tokens_per_s = config.batch_size * config.seq_len / step_s
-  flops_per_token = flops.flops_per_token(parts.model_config, config.seq_len)
+  # MoE: the share of routed picks that reached computing experts, as measured on the last step.
+  share = flops.computing_share(parts.model_config, jax.device_get(metrics['moe/load'])) \
+      if parts.model_config.is_moe else None
+  flops_per_token = flops.flops_per_token(parts.model_config, config.seq_len, share)
   peak = _PEAK.value or flops.peak_tflops(device.device_kind)
   memory = device.memory_stats() or {}
   print(json.dumps({
       'config': cli.config_name(), 'device': device.device_kind, 'num_devices': jax.device_count(),
       'batch_size': config.batch_size, 'seq_len': config.seq_len,
       'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
-      'active_matmul_params': flops.active_matmul_params(parts.model_config),
+      'active_matmul_params': flops.active_matmul_params(parts.model_config, share),
       'tokens_per_s': round(tokens_per_s, 1), 'step_s': round(step_s, 5), 'compile_s': round(compile_s, 2),
       'peak_memory_gib': round(memory['peak_bytes_in_use'] / 2**30, 2) if 'peak_bytes_in_use' in memory else None,
       'flops_per_token': flops_per_token,
