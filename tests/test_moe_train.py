@@ -71,3 +71,28 @@ def test_moe_presets_build(preset, total_params):
   n = sum(x.size for x in jax.tree.leaves(shapes['params']))
   if total_params:
     assert n == pytest.approx(total_params, rel=0.01), f'{preset.__name__}: {n / 1e6:.0f}M parameters'
+
+
+def test_moe_losses_are_averaged_over_layers():
+  """total_loss = token loss + the mean (not the sum) of the per-layer weighted balance + z losses."""
+  config = tiny_moe_config(aux_loss_weight=0.5, z_loss_weight=0.1)
+  config.model.num_layers = 3
+  (metrics,), _, _ = run_steps(config, 1, jax.devices()[:1])
+  per_layer = metrics['moe/loss']
+  assert per_layer.shape == (3,) and np.ptp(per_layer) > 0
+  np.testing.assert_allclose(metrics['total_loss'], metrics['loss'] + per_layer.mean(), rtol=1e-6)
+
+
+def test_resume_is_bitwise_with_dropout_and_router_jitter(tmp_path):
+  """A run resumed from its step-3 checkpoint draws the same dropout masks and jitter: identical losses after."""
+  from lmlab.train import loop, metrics  # pylint: disable=g-import-not-at-top
+  config = tiny_moe_config(jitter=0.2)
+  config.model.dropout, config.steps, config.checkpoint_every, config.keep_checkpoints = 0.1, 6, 3, 2
+  config.eval_every, config.log_every, config.data.prefetch = 0, 1, 0
+  loop.run(config, str(tmp_path / 'straight'))
+  config.restore = str(tmp_path / 'straight' / 'checkpoints' / '3')
+  loop.run(config, str(tmp_path / 'resumed'))
+  losses = lambda run: {r['step']: r['loss'] for r in metrics.read_rows(str(tmp_path / run / 'metrics.jsonl'))}
+  straight, resumed = losses('straight'), losses('resumed')
+  assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == straight[s] for s in resumed), (straight, resumed)
+  assert len(set(straight.values())) == 6

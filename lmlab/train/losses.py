@@ -15,5 +15,8 @@ def token_cross_entropy(logits_BLV, targets_BL, weights_BL):
 
 
 def moe_loss(aux) -> jax.Array:
-  """Weighted MoE balance + router z-loss summed over MoE layers (0 for dense models)."""
-  return jnp.sum(aux['loss']) if 'loss' in aux else jnp.zeros((), jnp.float32)
+  """Weighted MoE balance + router z-loss, averaged over the MoE layers (0 for dense models).
+
+  The mean (as MaxText does) keeps the losses' weight independent of depth; a sum would grow with the layers.
+  """
+  return jnp.mean(aux['loss']) if 'loss' in aux else jnp.zeros((), jnp.float32)
