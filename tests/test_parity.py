@@ -104,7 +104,9 @@ def test_smollm2_gguf_logits_and_loss_match_transformers(smollm2):
              f'loss {result["loss"]:.6f} vs {hf_loss:.6f} (diff {abs(result["loss"] - hf_loss):.2e})')
   print(message)
   assert result['tokens'] == ids.shape[1] - 1
-  assert abs(result['loss'] - hf_loss) <= 1e-3 * hf_loss and diff < 1e-2, message
+  # Measured: 1.4e-4 max logit difference (logits of magnitude ~20, float32 sums over 30 layers in another order)
+  # and 9e-6 in the loss; the bounds leave a few times that, so a wrong RoPE, norm or permutation still fails.
+  assert abs(result['loss'] - hf_loss) <= 1e-4 and diff < 1e-3, message
 
 
 def test_smollm2_export_to_hf_loads_in_transformers(smollm2, tmp_path):

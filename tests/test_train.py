@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tiny
 
@@ -64,6 +65,33 @@ def test_gradient_accumulation_equals_full_batch():
   accumulated, params_acc = run_steps(tiny_config(microbatches=2), batches, devices=jax.devices()[:4])
   np.testing.assert_allclose(accumulated, full, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_acc, params_full)
+
+
+def test_gradient_accumulation_with_uneven_weights_equals_full_batch():
+  """Microbatches with very different token counts: each token must weigh the same, not each microbatch."""
+  config = tiny_config()
+  batch = random_batch(config, seed=3)
+  rng = np.random.default_rng(0)
+  # The strided split puts even rows in microbatch 0: give them few (and fractional) weights, odd rows all.
+  batch['weights'][0::2] = np.where(rng.random((4, config.seq_len)) < 0.1, 0.5, 0.0)
+  # Independent expectation: the pooled weighted mean of per-token losses of the initial model, and its gradient.
+  parts = build.build(config, jax.devices()[:1])
+  params = parts.create_state().params
+
+  def per_token_nll(params):
+    logits_BLV, _ = parts.model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits_BLV), batch['targets'][..., None], -1)[..., 0]
+
+  w_BL = batch['weights']
+  pooled, grads = jax.value_and_grad(lambda p: jnp.sum(per_token_nll(p) * w_BL) / jnp.sum(w_BL))(params)
+  nll_BL = np.asarray(per_token_nll(params))
+  mean_of_means = np.mean([(nll_BL[i::2] * w_BL[i::2]).sum() / w_BL[i::2].sum() for i in (0, 1)])
+  assert abs(pooled - mean_of_means) > 1e-3, 'the batch must tell the two apart'
+  accumulating = build.build(tiny_config(microbatches=2), jax.devices()[:1])
+  _, metrics = accumulating.train_step(accumulating.create_state(), batch)
+  assert float(metrics['loss']) == pytest.approx(float(pooled), abs=1e-5)
+  assert float(metrics['total_loss']) == pytest.approx(float(pooled), abs=1e-5)
+  assert float(metrics['grad_norm']) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
 
 
 def test_parameters_are_sharded_by_their_logical_names():
