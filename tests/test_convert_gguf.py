@@ -121,7 +121,7 @@ def write_tiny_gguf(path, config, tensors, arch='llama', with_tokenizer=True, fo
     permuted = next((h for key, h in heads.items() if key in gname), None) if arch == 'llama' else None
     if permuted:
       value = gguf_io.permute(value, permuted)
-    kind = force_type or (Q.F32 if value.ndim == 1 else TYPES[i % len(TYPES)])
+    kind = force_type if force_type is not None else (Q.F32 if value.ndim == 1 else TYPES[i % len(TYPES)])
     data = gguf.quants.quantize(value, kind)
     w.add_tensor(gname, data, raw_dtype=kind)
     back = gguf.quants.dequantize(data, kind).reshape(value.shape)

@@ -3,8 +3,9 @@ to Hugging Face names (so mapping.py's tables apply), Q/K permutation undone, to
 
 For `llama`, llama.cpp's converter permutes the rows of attn_q / attn_k so its RoPE can rotate adjacent
 pairs (x0, x1), (x2, x3)...; lmlab (like Hugging Face) rotates the two halves of each head
-(rotate_half). `unpermute` turns the GGUF rows back into the half-split layout. Files are parsed by
-gguf_reader.py, so the `gguf` package is not needed at run time.
+(rotate_half). `unpermute` turns the GGUF rows back into the half-split layout. RoPE scaling is read as
+llama.cpp applies it: a linear factor and Llama 3.x's per-frequency divisors (rope_freqs.weight). Files are
+parsed by gguf_reader.py, so the `gguf` package is not needed at run time.
 """
 import logging
 import re
@@ -75,9 +76,6 @@ class GGUFFile:
     if self.get_meta(f'{a}.expert_count'):
       raise ValueError(f'GGUF {self.path} is a mixture-of-experts model ({a}.expert_count='
                        f'{self.get_meta(f"{a}.expert_count")}); lmlab reads dense GGUF models only')
-    scaling = self.get_meta(f'{a}.rope.scaling.type', 'none')
-    if scaling not in ('none', None):
-      raise ValueError(f'GGUF {self.path} uses rope scaling {scaling!r}; lmlab supports plain RoPE only')
     vocab = self.get_meta(f'{a}.vocab_size') or self.tensors['token_embd.weight'].shape[0]
     return ModelConfig(
         family='decoder', vocab_size=int(vocab), d_model=int(D), num_layers=int(need('block_count')), num_heads=int(H),
@@ -87,7 +85,27 @@ class GGUFFile:
         norm_eps=float(self.get_meta(f'{a}.attention.layer_norm_rms_epsilon', 1e-5)), position='rope',
         rope_base=float(self.get_meta(f'{a}.rope.freq_base', 10000.0)), mlp='swiglu',
         attention_bias='blk.0.attn_q.bias' in self.tensors, out_bias='blk.0.attn_output.bias' in self.tensors,
-        tie_embeddings='output.weight' not in self.tensors, param_dtype='float32')
+        tie_embeddings='output.weight' not in self.tensors, param_dtype='float32', **self._rope_scaling(head_dim))
+
+  def _rope_scaling(self, head_dim: int) -> dict:
+    """ModelConfig rope_* fields as llama.cpp reads them: a linear factor and per-frequency rope_freqs.weight."""
+    a = self.arch
+    scaling = self.get_meta(f'{a}.rope.scaling.type')
+    if scaling not in (None, 'none', 'linear'):
+      raise ValueError(f'GGUF {self.path} uses rope scaling {scaling!r}; lmlab supports none, linear and Llama 3.x '
+                       'per-frequency factors (rope_freqs.weight)')
+    # llama.cpp scales by this factor whatever the type says (0 or absent: none); rope.scale_linear is its old name.
+    factor = float(self.get_meta(f'{a}.rope.scaling.factor') or self.get_meta(f'{a}.rope.scale_linear') or 1.0)
+    out = {'rope_scaling': 'linear', 'rope_factor': factor} if factor != 1.0 else {}
+    if 'rope_freqs.weight' in self.tensors:  # what convert_hf_to_gguf.py writes for rope_type llama3
+      t = self.tensors['rope_freqs.weight']
+      factors = quants.dequantize(gguf_reader.tensor_bytes(self.data, t), t.kind, t.shape).reshape(-1)
+      if factors.size != head_dim // 2:
+        raise ValueError(f'GGUF {self.path} has {factors.size} rope_freqs.weight factors; head_dim {head_dim} needs '
+                         f'{head_dim // 2}')
+      self.used.add('rope_freqs.weight')
+      out['rope_freq_factors'] = tuple(float(f) for f in factors)
+    return out
 
   def _need(self, key: str):
     value = self.get_meta(key)
@@ -178,7 +196,7 @@ def load_gguf(path: str):
   f = GGUFFile(path)
   config = f.config()
   params = mapping.params_from_hf(config, f.get, f.has)
-  unused = sorted(set(f.tensors) - f.used - {'rope_freqs.weight'})
+  unused = sorted(set(f.tensors) - f.used)
   if unused:
     logging.warning('%d GGUF tensors have no place in lmlab and were left out, e.g. %s', len(unused), unused[:4])
   return config, params, f.tokenizer()

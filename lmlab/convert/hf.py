@@ -27,13 +27,50 @@ def refuse_pickle(path: str) -> None:
 
 # ---------------------------------------------------------------- config
 
-def _rope_base(hf: dict) -> float:
-  rope = hf.get('rope_parameters') or {}
-  scaling = hf.get('rope_scaling') or {}
-  kind = scaling.get('rope_type', scaling.get('type')) or rope.get('rope_type') or 'default'
-  if kind != 'default':
-    raise ValueError(f'rope scaling {kind!r} in config.json is not supported by lmlab (plain RoPE only)')
-  return float(hf.get('rope_theta', rope.get('rope_theta', 10000.0)))
+ROPE_SCALING = {'linear': ('factor',), 'llama3': ('factor', 'low_freq_factor', 'high_freq_factor')}  # keys needed
+
+
+def _rope(hf: dict) -> dict:
+  """ModelConfig rope_* fields of a config.json, read the way transformers 5 does (rope_scaling wins over
+  rope_parameters, whose rope_theta wins over the top-level one); scaling lmlab lacks is refused."""
+  rope = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
+  out = {'rope_base': float(rope.get('rope_theta', hf.get('rope_theta', 10000.0)))}
+  kind = rope.get('rope_type', rope.get('type')) or 'default'
+  if kind == 'default':
+    return out
+  if kind not in ROPE_SCALING:
+    raise ValueError(f'rope scaling {kind!r} in config.json is not supported; lmlab supports default, '
+                     f'{", ".join(ROPE_SCALING)}')
+  missing = [key for key in ROPE_SCALING[kind] if key not in rope]
+  if missing:
+    raise ValueError(f'rope scaling {kind!r} in config.json lacks {", ".join(missing)}, which transformers\' '
+                     f'{kind} RoPE needs')
+  out.update(rope_scaling=kind, rope_factor=float(rope['factor']))
+  if kind == 'llama3':  # transformers takes a top-level original_max_position_embeddings first (Phi-3's place)
+    original = (hf.get('original_max_position_embeddings') or rope.get('original_max_position_embeddings')
+                or hf.get('max_position_embeddings', 2048))
+    out.update(rope_low_freq_factor=float(rope['low_freq_factor']),
+               rope_high_freq_factor=float(rope['high_freq_factor']), rope_original_max_len=int(original))
+  return out
+
+
+def _rope_to_hf(c: ModelConfig) -> dict:
+  """rope_theta / rope_parameters (and the older rope_scaling) for config.json; errors on what HF cannot express."""
+  if c.rope_freq_factors:
+    raise ValueError('model.rope_freq_factors (per-frequency RoPE divisors from a GGUF rope_freqs.weight) have no '
+                     'Hugging Face form: export to orbax, or replace them by the model\'s rope_scaling=llama3 settings')
+  scaling = {}
+  if c.rope_scaling in ROPE_SCALING:
+    scaling = {'rope_type': c.rope_scaling, 'factor': c.rope_factor}
+    if c.rope_scaling == 'llama3':
+      scaling.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
+                     original_max_position_embeddings=c.rope_original_max_len)
+  elif c.rope_scaling != 'none':
+    raise ValueError(f'model.rope_scaling={c.rope_scaling!r} is not one of none, linear, llama3')
+  out = {'rope_theta': c.rope_base, 'rope_parameters': {'rope_type': 'default', **scaling, 'rope_theta': c.rope_base}}
+  if scaling:  # transformers 4 reads rope_scaling (and the top-level rope_theta); 5 reads either
+    out['rope_scaling'] = scaling
+  return out
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -76,7 +113,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       family='decoder', vocab_size=hf['vocab_size'], d_model=D, num_layers=hf['num_hidden_layers'], num_heads=H,
       num_kv_heads=hf.get('num_key_value_heads') or H, head_dim=0 if head_dim * H == D else head_dim,
       ffn_dim=hf['intermediate_size'], max_len=hf.get('max_position_embeddings', 2048), norm='rms',
-      norm_eps=hf.get('rms_norm_eps', 1e-6), position='rope', rope_base=_rope_base(hf), mlp='swiglu',
+      norm_eps=hf.get('rms_norm_eps', 1e-6), position='rope', mlp='swiglu', **_rope(hf),
       attention_bias=attention_bias, out_bias=out_bias, tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       param_dtype='float32', moe=moe)
 
@@ -103,8 +140,7 @@ def config_to_hf(c: ModelConfig, tokenizer=None) -> dict:
     hf = {'hidden_act': 'silu', 'hidden_size': c.d_model, 'intermediate_size': c.ffn_dim,
           'num_hidden_layers': c.num_layers, 'num_attention_heads': c.num_heads,
           'num_key_value_heads': c.num_kv_heads, 'head_dim': c.dims_per_head, 'max_position_embeddings': c.max_len,
-          'rms_norm_eps': c.norm_eps, 'rope_theta': c.rope_base,
-          'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_base}, 'vocab_size': c.vocab_size,
+          'rms_norm_eps': c.norm_eps, **_rope_to_hf(c), 'vocab_size': c.vocab_size,
           'tie_word_embeddings': c.tie_embeddings, 'attention_dropout': 0.0}
     if c.is_moe:
       m = c.moe

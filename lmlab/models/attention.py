@@ -69,8 +69,8 @@ class Attention(nn.Module):
     k_BLGK = Dense((G, K), ('embed', 'kv_heads', 'head_dim'), c, use_bias=c.attention_bias, name='key')(x_BLD)
     v_BLGK = Dense((G, K), ('embed', 'kv_heads', 'head_dim'), c, use_bias=c.attention_bias, name='value')(x_BLD)
     if c.position == 'rope':
-      q_BLHK = rope(q_BLHK, positions_BL, c.rope_base)
-      k_BLGK = rope(k_BLGK, positions_BL, c.rope_base)
+      q_BLHK = rope(q_BLHK, positions_BL, c.rope_base, c)
+      k_BLGK = rope(k_BLGK, positions_BL, c.rope_base, c)
     q_BLHK = constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None))
     k_BLGK = constrain(k_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))

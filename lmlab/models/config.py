@@ -43,6 +43,13 @@ class ModelConfig:
   post_norm: bool = False          # BERT: normalise after the residual add
   position: str = 'rope'           # rope | learned
   rope_base: float = 10000.0
+  rope_scaling: str = 'none'       # none | linear (every frequency / rope_factor) | llama3 (Llama 3.1, by wavelength)
+  rope_factor: float = 1.0         # linear, llama3: the context extension factor
+  rope_low_freq_factor: float = 1.0   # llama3: wavelengths over rope_original_max_len / this: frequency / rope_factor
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths under rope_original_max_len / this: kept; between: blended
+  rope_original_max_len: int = 8192   # llama3: the pretraining context length
+  rope_freq_factors: tuple[float, ...] = ()  # per-frequency divisors, head_dim // 2 of them (GGUF rope_freqs.weight,
+                                             # llama.cpp's form of Llama 3.x scaling); () for none
   mlp: str = 'swiglu'              # swiglu | gelu
   attention_bias: bool = False     # biases on q/k/v (BERT, Qwen2)
   out_bias: bool = False           # biases on attention output and MLP (BERT)
@@ -90,6 +97,8 @@ def _build(cls, values: Mapping[str, Any]):
 def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
   """Builds a ModelConfig from a (ConfigDict-derived) mapping with a nested `moe` mapping."""
   values = dict(values)
+  if values.get('rope_freq_factors') is not None:  # JSON gives a list; the config must stay hashable
+    values['rope_freq_factors'] = tuple(values['rope_freq_factors'])
   moe = _build(MoeConfig, dict(values.pop('moe', {}) or {}))
   return _build(ModelConfig, {**values, 'moe': moe})
 

@@ -1,4 +1,5 @@
 """Small building blocks shared by every model family: norms, rotary embeddings, dtypes, initialisers."""
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -81,10 +82,35 @@ class Norm(nn.Module):
     return y.astype(dtype(c.compute_dtype))
 
 
-def rope(x_BLHK, positions_BL, base: float):
-  """Rotary embedding, Hugging Face half-split layout (rotate_half), angles in float32."""
-  K = x_BLHK.shape[-1]
+def rope_inv_freq(K: int, base: float, config: ModelConfig | None = None):
+  """Rotary inverse frequencies inv_freq_k (K // 2, float32), rescaled by config.rope_* (None: plain RoPE)."""
   inv_freq_k = 1.0 / (base ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+  if config is None:
+    return inv_freq_k
+  c = config
+  if c.rope_scaling == 'linear':
+    inv_freq_k = inv_freq_k / c.rope_factor
+  elif c.rope_scaling == 'llama3':
+    # transformers' _compute_llama3_parameters: wavelengths longer than orig / low are stretched by the factor,
+    # shorter than orig / high kept, and the band between blended linearly in orig / wavelength.
+    orig, low, high, factor = c.rope_original_max_len, c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_factor
+    wavelen_k = 2 * math.pi / inv_freq_k
+    smooth_k = (orig / wavelen_k - low) / (high - low)
+    blended_k = (1 - smooth_k) * inv_freq_k / factor + smooth_k * inv_freq_k
+    inv_freq_k = jnp.where(wavelen_k > orig / low, inv_freq_k / factor,
+                           jnp.where(wavelen_k < orig / high, inv_freq_k, blended_k))
+  elif c.rope_scaling != 'none':
+    raise ValueError(f'model.rope_scaling={c.rope_scaling!r} is not one of none, linear, llama3')
+  if c.rope_freq_factors:  # llama.cpp divides each frequency by its rope_freqs.weight entry
+    if len(c.rope_freq_factors) != K // 2:
+      raise ValueError(f'model.rope_freq_factors has {len(c.rope_freq_factors)} values; head_dim {K} needs {K // 2}')
+    inv_freq_k = inv_freq_k / jnp.asarray(c.rope_freq_factors, jnp.float32)
+  return inv_freq_k
+
+
+def rope(x_BLHK, positions_BL, base: float, config: ModelConfig | None = None):
+  """Rotary embedding, Hugging Face half-split layout (rotate_half), angles in float32; frequencies: rope_inv_freq."""
+  inv_freq_k = rope_inv_freq(x_BLHK.shape[-1], base, config)
   angles_BLk = positions_BL[..., None].astype(jnp.float32) * inv_freq_k[None, None, :]
   cos_BL1K = jnp.cos(jnp.concatenate([angles_BLk, angles_BLk], -1))[:, :, None, :]
   sin_BL1K = jnp.sin(jnp.concatenate([angles_BLk, angles_BLk], -1))[:, :, None, :]
