@@ -125,11 +125,11 @@ def test_weight_decay_mask_skips_norms_biases_and_embeddings():
 
 
 def test_eval_summary_formulas():
-  sums = {'nll_sum': 20.0, 'tokens': 10.0, 'correct': 4.0, 'bytes': 40.0}
+  sums = {'nll_sum': 20.0, 'tokens': 10.0, 'correct': 4.0, 'bytes': 40.0, 'text_nll_sum': 18.0}
   out = step_lib.summarize_eval(sums)
   assert out['eval_loss'] == 2.0
   assert out['eval_perplexity'] == pytest.approx(math.exp(2.0))
-  assert out['eval_bits_per_byte'] == pytest.approx(20.0 / (40.0 * math.log(2)))
+  assert out['eval_bits_per_byte'] == pytest.approx(18.0 / (40.0 * math.log(2)))  # text targets' nats only (no EOS)
   assert out['eval_accuracy'] == 0.4
 
 

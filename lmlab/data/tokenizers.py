@@ -1,12 +1,27 @@
-"""Tokenizers behind one small interface: encode/decode, vocab size, special ids, bytes per token.
+"""Tokenizers behind one small interface: encode/decode, vocab size, special ids, UTF-8 bytes per token.
 
-`token_bytes` (UTF-8 bytes each id stands for) is what bits-per-byte is computed from, so every
-tokenizer, whatever its vocabulary, reports comparable numbers.
+Bits per byte, the number that compares models across tokenizers, is the nats of the predicted text tokens over
+ln 2 x the UTF-8 bytes those tokens decode to. Special tokens (EOS, BOS, pad) are not text: they have no bytes and
+their nats stay out of the numerator (the loss per token still counts them). The bytes of a text are those of its
+decoded form, `decode(encode(text))`: `len(text.encode())` for a text that round-trips (SentencePiece
+normalisation, for one, may change a text). Every tokenizer gives them two ways:
+- `token_bytes()`, per id: the bytes it adds inside a decoded text, after the text's first token (`▁` is a space,
+  a `<0xNN>` byte-fallback piece one byte). The eval step sums this table on device: in packed batches a
+  document's first token is never a target.
+- `byte_counts(ids)`, per token of one encoded text: the table, corrected at the text's ends for what decoding
+  does there (SentencePiece-style decoders drop the prefix space of the first token), so that
+  `byte_counts(encode(text)).sum() == len(decode(encode(text)).encode())`.
+A tokenizer.json whose decoder lmlab cannot count exactly (WordPiece, BPE suffixes, CTC, none) has no table
+(`token_bytes()` is None, and the eval step refuses it) and `byte_counts` raises, so bits per byte is an error
+rather than a wrong number, while the BERT-style encoders that have such decoders, and never report it, still load.
 
 `data.tokenizer`: 'bytes'; 'hf:PATH' (a Hugging Face tokenizer.json); 'spm:PATH' (a SentencePiece
 model); 'bpe:N' (a byte-level BPE of N ids trained on the train split, kept as WORKDIR/tokenizer.json).
 """
+import functools
+import json
 import os
+import re
 
 import numpy as np
 
@@ -16,6 +31,71 @@ from lmlab.data import sources as sources_lib
 EOS_TOKENS = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>', '<|eot_id|>')
 BOS_TOKENS = ('<|begin_of_text|>', '<s>', '<bos>')
 PAD_TOKENS = ('<|pad|>', '<pad>', '[PAD]')
+# tokenizer.json decoder steps that decode each piece on its own except at a text's two ends.
+PIECE_DECODERS = ('Metaspace', 'Replace', 'ByteFallback', 'Fuse', 'Strip')
+BYTE_PIECE = re.compile(r'<0x[0-9A-Fa-f]{2}>')  # a byte-fallback piece, as the ByteFallback decoder reads it
+_MARK = 'a'  # A piece every supported decoder leaves as it is: one on each side keeps a piece off a text's ends.
+
+
+class TableBytes:
+  """Bytes per token that do not depend on where a token stands in a text (bytes, byte-level BPE)."""
+
+  def __init__(self, table_V: np.ndarray):
+    self.table_V = table_V
+
+  def counts(self, ids) -> np.ndarray:
+    """Bytes per token of one encoded text."""
+    return self.table_V[np.asarray(ids, np.int64)].astype(np.int64)
+
+
+class PieceBytes(TableBytes):
+  """Bytes per token under a decoder that decodes each piece alone except at a text's two ends.
+
+  `pieces_V` holds each id's piece (None for specials, which decoding skips), `decode` maps a list of pieces to
+  text. A piece's table entry is what it adds between two marks; at each end of a text, the fewest pieces that
+  decode to some text there (a leading space stripped, a byte-fallback run whole) are measured as decoded.
+  """
+
+  def __init__(self, pieces_V: list, is_byte_V: list, decode):
+    self.pieces_V, self.is_byte_V, self.decode = pieces_V, is_byte_V, decode
+    super().__init__(np.array([0 if p is None else 1 if b else self.size([_MARK, p, _MARK]) - 2 * len(_MARK)
+                               for p, b in zip(pieces_V, is_byte_V)], np.int32))
+
+  def size(self, pieces) -> int:
+    return len(self.decode(pieces).encode('utf-8'))
+
+  def counts(self, ids) -> np.ndarray:
+    counts = super().counts(ids)
+    text = [k for k, i in enumerate(ids) if self.pieces_V[i] is not None]
+    pieces, is_byte = [self.pieces_V[ids[k]] for k in text], [self.is_byte_V[ids[k]] for k in text]
+    head, head_bytes = _edge(pieces, is_byte, lambda ps: self.size(ps + [_MARK]) - len(_MARK))
+    tail, tail_bytes = _edge(pieces[::-1], is_byte[::-1], lambda ps: self.size([_MARK] + ps[::-1]) - len(_MARK))
+    if head + tail > len(text):  # the two ends overlap: the whole text is one end
+      head, head_bytes, tail = len(text), self.size(pieces), 0
+    if head:
+      counts[text[0]] += head_bytes - counts[text[:head]].sum()
+    if tail:
+      counts[text[-1]] += tail_bytes - counts[text[-tail:]].sum()
+    return counts
+
+
+def _edge(pieces: list, is_byte: list, size) -> tuple[int, int]:
+  """(n, bytes) of the fewest leading `pieces` that `size` finds any text in (a byte run kept whole, so it decodes
+  to whole characters): decoders strip a text's start only until they meet text."""
+  n, found = 0, 0
+  while n < len(pieces) and not found:
+    n += 1
+    while n < len(pieces) and is_byte[n - 1] and is_byte[n]:
+      n += 1
+    found = size(pieces[:n])
+  return n, found
+
+
+def _decoder_steps(spec: dict | None) -> list[str]:
+  """The step types of a tokenizer.json decoder, nested Sequences flattened."""
+  if spec is None:
+    return []
+  return [t for d in spec['decoders'] for t in _decoder_steps(d)] if spec['type'] == 'Sequence' else [spec['type']]
 
 
 class ByteTokenizer:
@@ -35,6 +115,9 @@ class ByteTokenizer:
     lengths = np.ones(self.vocab_size, np.int32)
     lengths[:self.offset] = 0
     return lengths
+
+  def byte_counts(self, ids) -> np.ndarray:
+    return TableBytes(self.token_bytes()).counts(ids)
 
   def to_dict(self) -> dict:
     return {'kind': 'bytes'}
@@ -83,18 +166,42 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
-  def token_bytes(self) -> np.ndarray:
+  @functools.cached_property
+  def decoder_steps(self) -> list[str]:
+    """The step types of the tokenizer.json decoder ('ByteLevel', 'Metaspace', ...): what its bytes depend on."""
+    decoder = self.tokenizer.decoder
+    return _decoder_steps(None if decoder is None else json.loads(decoder.__getstate__()))
+
+  @functools.cached_property
+  def _bytes(self) -> TableBytes | None:
+    """Byte counts for ByteLevel and SentencePiece-style decoders; None for others (the module docstring)."""
     import tokenizers  # pylint: disable=g-import-not-at-top
-    # Byte-level vocabularies spell one byte per character; decoding a lone id that holds part of a
-    # multi-byte character would give U+FFFD (3 bytes) instead.
-    byte_level = isinstance(self.tokenizer.decoder, tokenizers.decoders.ByteLevel)
-    lengths = np.zeros(self.vocab_size, np.int32)
+    steps = self.decoder_steps
+    if steps != ['ByteLevel'] and not (steps and set(steps) <= set(PIECE_DECODERS)):
+      return None
     special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
-    for i in range(self.vocab_size):
-      piece = self.tokenizer.id_to_token(i)
-      if piece is not None and piece not in special:
-        lengths[i] = len(piece) if byte_level else len(self.tokenizer.decode([i]).encode('utf-8'))
-    return lengths
+    pieces_V = [None if p in special else p for p in map(self.tokenizer.id_to_token, range(self.vocab_size))]
+    if steps == ['ByteLevel']:
+      # A byte-level piece spells one byte per character (decoding a lone id that holds part of a multi-byte
+      # character would give U+FFFD); a piece with other characters (an added token) stays its own UTF-8.
+      alphabet = set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+      return TableBytes(np.array([0 if p is None else len(p) if set(p) <= alphabet else len(p.encode('utf-8'))
+                                  for p in pieces_V], np.int32))
+    fallback = 'ByteFallback' in steps
+    is_byte_V = [fallback and p is not None and BYTE_PIECE.fullmatch(p) is not None for p in pieces_V]
+    return PieceBytes(pieces_V, is_byte_V, self.tokenizer.decoder.decode)
+
+  def token_bytes(self) -> np.ndarray | None:
+    """UTF-8 bytes per id inside a text (module docstring); None when the decoder is not one lmlab counts."""
+    return None if self._bytes is None else self._bytes.table_V.copy()
+
+  def byte_counts(self, ids) -> np.ndarray:
+    """UTF-8 bytes per token of one encoded text, summing to the bytes of its decoded form."""
+    if self._bytes is None:
+      raise ValueError(f'{self.source or "this tokenizer"} has a {"+".join(self.decoder_steps) or "missing"} decoder, '
+                       'whose bytes per token lmlab cannot count exactly (it counts ByteLevel and SentencePiece-style '
+                       f'{"/".join(PIECE_DECODERS)} decoders); measure bits per byte with such a tokenizer')
+    return self._bytes.counts(ids)
 
   def to_dict(self) -> dict:
     return {'kind': 'hf', 'source': self.source, 'eos_id': self.eos_id, 'bos_id': self.bos_id,
@@ -128,15 +235,19 @@ class SentencePieceTokenizer:
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
 
+  @functools.cached_property
+  def _bytes(self) -> PieceBytes:
+    ids = range(self.vocab_size)
+    return PieceBytes([None if self.sp.is_control(i) else self.sp.id_to_piece(i) for i in ids],
+                      [self.sp.is_byte(i) for i in ids], self.sp.decode_pieces)
+
   def token_bytes(self) -> np.ndarray:
-    """Bytes per piece with '▁' as a space; the dummy-prefix space at a text's start counts too."""
-    lengths = np.zeros(self.vocab_size, np.int32)
-    for i in range(self.vocab_size):
-      if self.sp.is_byte(i):
-        lengths[i] = 1
-      elif not (self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i)):
-        lengths[i] = len(self.sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
-    return lengths
+    """UTF-8 bytes per id inside a text (module docstring): '▁' is a space, a byte piece one byte."""
+    return self._bytes.table_V.copy()
+
+  def byte_counts(self, ids) -> np.ndarray:
+    """UTF-8 bytes per token of one encoded text (the dummy-prefix space is not text), summing to its decoding."""
+    return self._bytes.counts(ids)
 
   def to_dict(self) -> dict:
     return {'kind': 'spm', 'source': self.source, 'eos_id': self.eos_id, 'bos_id': self.bos_id,
@@ -210,3 +321,28 @@ def check_vocab(model_vocab_size: int, tokenizer) -> None:
                      f'vocabulary of {tokenizer.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} '
                      'or larger')
 
+
+
+def tokenizer_from_dict(info: dict | None, directory: str | None = None):
+  """The tokenizer a `to_dict()` record describes (a checkpoint's metadata, an export's model.json); None for none.
+
+  A record's `file` (an export's own tokenizer.json) is read from `directory`; otherwise its `source` path or,
+  when that is gone (a workdir moved), the file of the same name in `directory`.
+  """
+  if not info:
+    return None
+  kind = info.get('kind')
+  if kind == 'bytes':
+    return ByteTokenizer()
+  if kind not in ('hf', 'spm'):
+    raise ValueError(f'tokenizer kind {kind!r} cannot be rebuilt; known: bytes, hf, spm')
+  path = info.get('source') or ''
+  if directory and (info.get('file') or not os.path.isfile(path)):
+    path = os.path.join(directory, info.get('file') or os.path.basename(path))
+  if not os.path.isfile(path):
+    raise ValueError(f'{kind} tokenizer file {path!r} does not exist; the model was saved with it beside (export) or '
+                     'at its recorded source (workdir): put it back there')
+  if kind == 'spm':
+    return SentencePieceTokenizer(path)
+  return HFTokenizer.from_file(path, eos_id=info.get('eos_id'), bos_id=info.get('bos_id'), pad_id=info.get('pad_id'),
+                               chat_template=info.get('chat_template'), add_bos=info.get('add_bos', False))

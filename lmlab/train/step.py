@@ -71,23 +71,35 @@ def make_train_step(model, tx, schedule, config, loss_fn=None):
 
 
 def make_eval_step(model, token_bytes_V):
-  """(params, model_state, batch) -> summed loss, tokens, correct tokens and target bytes."""
+  """(params, model_state, batch) -> summed loss, tokens, correct tokens, target bytes and text targets' loss.
+
+  `token_bytes_V` is the tokenizer's `token_bytes()`: a target with bytes is text, one without (EOS, BOS, pad) is
+  not, and bits per byte (lmlab/data/tokenizers.py) divides the nats of text targets only by their bytes.
+  """
+  if token_bytes_V is None:
+    raise ValueError('bits per byte needs the UTF-8 bytes of each token, and this tokenizer has none (token_bytes() '
+                     'is None: lmlab/data/tokenizers.py lists the decoders it counts); evaluate language models with a '
+                     'bytes, byte-level BPE or SentencePiece-style tokenizer')
   token_bytes_V = jnp.asarray(token_bytes_V, jnp.float32)
 
   def eval_step(params, model_state, batch):
     logits_BLV, _ = _forward(model, params, model_state, batch)
     nll_sum, _, correct_sum = losses.token_cross_entropy(logits_BLV, batch['targets'], batch['weights'])
+    bytes_BL = token_bytes_V[batch['targets']] * batch['weights']
+    # The same cross-entropy over text targets only; XLA computes the shared logsumexp once.
+    text_nll_sum, _, _ = losses.token_cross_entropy(logits_BLV, batch['targets'], batch['weights'] * (bytes_BL > 0))
     return {'nll_sum': nll_sum, 'tokens': jnp.sum(batch['weights']), 'correct': correct_sum,
-            'bytes': jnp.sum(token_bytes_V[batch['targets']] * batch['weights'])}
+            'bytes': jnp.sum(bytes_BL), 'text_nll_sum': text_nll_sum}
 
   return eval_step
 
 
 def summarize_eval(sums) -> dict:
-  """Eval metrics from summed counts: loss (nats/token), perplexity, bits per byte, token accuracy."""
+  """Eval metrics from summed counts: loss (nats/token, every target), perplexity, bits per byte (text targets'
+  nats over their bytes), token accuracy."""
   loss = sums['nll_sum'] / max(sums['tokens'], 1.0)
   return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 700.0)),
-          'eval_bits_per_byte': sums['nll_sum'] / (math.log(2.0) * max(sums['bytes'], 1.0)),
+          'eval_bits_per_byte': sums['text_nll_sum'] / (math.log(2.0) * max(sums['bytes'], 1.0)),
           'eval_accuracy': sums['correct'] / max(sums['tokens'], 1.0), 'eval_tokens': sums['tokens']}
 
 
