@@ -1,1 +1,2 @@
-"""Evaluation: perplexity and bits-per-byte of text under a model."""
+"""Evaluation: log-likelihood scoring, metrics and statistics, task files (mc:, gen:, ppl:), paired comparison of
+two models, reports, the lm-evaluation-harness adapter, and sliding-window perplexity of text."""
