@@ -1,5 +1,5 @@
 """Fine-tune a pretrained model: python -m experiments.finetune --config=experiments/configs/minilm_classify.py
-[--config.init_from=PATH] --workdir=DIR.
+[--config.init_from=PATH] --workdir=DIR. Several processes and preemption work as in experiments.train.
 """
 import sys
 
@@ -9,23 +9,34 @@ from experiments import cli
 
 _CONFIG = cli.define_config_flag('experiments/configs/minilm_classify.py')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/finetune', 'Where metrics, checkpoints, the export and summary go.')
+_COORDINATOR = flags.DEFINE_string('coordinator', '', 'Multi-process: HOST:PORT of process 0 (see launch/).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Multi-process: how many processes run this job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-process: this process, 0 .. num_processes - 1.')
 
 
 def main(argv):
   del argv
-  from lmlab.finetune import trainer  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
+  from lmlab import distributed  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
+  from lmlab.finetune import trainer  # pylint: disable=g-import-not-at-top
+  from lmlab.train import loop  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     summary = trainer.run(_CONFIG.value, _WORKDIR.value)
   except FloatingPointError as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
+  except loop.Preempted as preempted:  # a clean stop: the same command resumes (and exports at the end)
+    loop.log(str(preempted))
+    sys.exit(0)
   if 'eval_macro_f1' in summary:
-    print(f'done: step {summary["step"]}, eval accuracy {summary["eval_accuracy"]:.3f} (majority class '
-          f'{summary["majority_class"]}: {summary["majority_accuracy"]:.3f}), macro-F1 {summary["eval_macro_f1"]:.3f}')
+    loop.log(f'done: step {summary["step"]}, eval accuracy {summary["eval_accuracy"]:.3f} (majority class '
+             f'{summary["majority_class"]}: {summary["majority_accuracy"]:.3f}), '
+             f'macro-F1 {summary["eval_macro_f1"]:.3f}')
   else:
-    print(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f} nats/response token')
-  print(f'results in {summary["workdir"]} (summary.json, metrics.jsonl, checkpoints/'
-        f'{", export/" if "export" in summary else ""})')
+    loop.log(f'done: step {summary["step"]}, eval loss {summary.get("eval_loss", float("nan")):.4f} '
+             'nats/response token')
+  loop.log(f'results in {summary["workdir"]} (summary.json, metrics.jsonl, checkpoints/'
+           f'{", export/" if "export" in summary else ""})')
 
 
 if __name__ == '__main__':

@@ -110,6 +110,39 @@ def test_eval_fn_confusion_ignores_padding_rows():
   assert total.sum() == len(task.eval_rows) and len(batches) == -(-len(task.eval_rows) // c.batch_size)
 
 
+def _numbered_batches(process_index, process_count, **kwargs):
+  """Batches of 4 over 10 rows whose only feature is the row's number (-1 pads)."""
+  return data.Batches(10, lambda i: {'row': np.int32(i), 'weights': np.float32(1.0)},
+                      {'row': np.int32(-1), 'weights': np.float32(0.0)}, 4, seed=3,
+                      process_index=process_index, process_count=process_count, **kwargs)
+
+
+def test_batches_give_each_process_its_own_rows_of_the_global_batch():
+  whole, halves = _numbered_batches(0, 1, shuffle=True), [_numbered_batches(p, 2, shuffle=True) for p in (0, 1)]
+  seen = []
+  for _ in range(5):  # 20 rows: two epochs, the third batch straddling them
+    expected = next(whole)['row']
+    parts = [next(h)['row'] for h in halves]
+    assert [len(p) for p in parts] == [2, 2]
+    np.testing.assert_array_equal(np.concatenate(parts), expected)  # process 0 the first half, process 1 the rest
+    seen.extend(expected)
+  assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))  # each row once per epoch
+  resumed = _numbered_batches(1, 2, shuffle=True)
+  resumed.set_state(halves[1].get_state())
+  np.testing.assert_array_equal(next(resumed)['row'], next(halves[1])['row'])
+
+
+def test_one_pass_batches_split_the_padding_too():
+  halves = [list(_numbered_batches(p, 2, shuffle=False, repeat=False)) for p in (0, 1)]
+  assert [len(h) for h in halves] == [3, 3]  # both processes run the same number of eval steps
+  rows = np.concatenate([np.concatenate([a['row'], b['row']]) for a, b in zip(*halves)])
+  weights = np.concatenate([np.concatenate([a['weights'], b['weights']]) for a, b in zip(*halves)])
+  np.testing.assert_array_equal(rows, list(range(10)) + [-1, -1])
+  assert weights.sum() == 10
+  with pytest.raises(ValueError, match='batch_size=4 is not divisible by the 3 processes'):
+    _numbered_batches(0, 3, shuffle=False)
+
+
 def test_stdlib_classification_task_is_deterministic_and_balanced():
   texts, labels, names = data.stdlib_classification('train', 0.2)
   again = data.stdlib_classification('train', 0.2)

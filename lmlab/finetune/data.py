@@ -8,8 +8,8 @@ Datasets (`finetune.dataset`):
                  finetune.prompt_key and finetune.response_key. '{split}' in GLOB picks files per split,
                  otherwise records split by a hash of (file, line).
   tfds:NAME      classification only: data.text_key and finetune.label_key of a TFDS split (array_record).
-Batches are dicts of numpy arrays with a leading batch axis, as `pipeline.to_global` expects; padding
-rows and tokens carry weight 0.
+Batches are dicts of numpy arrays with a leading batch axis holding this process's rows of the global batch,
+as `pipeline.to_global` expects; padding rows and tokens carry weight 0.
 """
 import ast
 import functools
@@ -17,6 +17,7 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 
 from lmlab.data import sources
@@ -158,17 +159,26 @@ def encode_for_classification(tokenizer, text: str, seq_len: int) -> list[int]:
 
 
 class Batches:
-  """Fixed-shape batches of pre-encoded rows; shuffled per epoch from the seed, resumable from (epoch, index).
+  """This process's rows of fixed-shape global batches; shuffled per epoch from the seed, resumable from (epoch, index).
 
-  `make_row(i)` gives row i's arrays (without the batch axis); `blank` is a padding row (weight 0).
+  Every process walks the same global order and keeps its own slice of each batch, as lmlab.data.pipeline does
+  (`pipeline.to_global` expects only this process's rows). `make_row(i)` gives row i's arrays (without the batch
+  axis); `blank` is a padding row (weight 0).
   """
 
   def __init__(self, num_rows: int, make_row, blank: dict, batch_size: int, seed: int, shuffle: bool,
-               repeat: bool = True):
+               repeat: bool = True, process_index: int | None = None, process_count: int | None = None):
     if num_rows == 0:
       raise ValueError('the fine-tuning split has no examples; check finetune.dataset and the split keys')
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+      raise ValueError(f'batch_size={batch_size} is not divisible by the {process_count} processes; '
+                       f'use a multiple of {process_count}')
     self.num_rows, self.make_row, self.blank = num_rows, make_row, blank
     self.batch_size, self.seed, self.shuffle, self.repeat = batch_size, seed, shuffle, repeat
+    self.local_batch_size = batch_size // process_count
+    self.first = process_index * self.local_batch_size
     self.epoch, self.index = 0, 0
 
   def __iter__(self):
@@ -182,16 +192,18 @@ class Batches:
   def __next__(self) -> dict[str, np.ndarray]:
     if not self.repeat and self.index >= self.num_rows:
       raise StopIteration
-    rows, order = [], self._order()
-    while len(rows) < self.batch_size:
+    picked, order = [], self._order()  # the global batch's row ids; None pads a finite split's last batch
+    while len(picked) < self.batch_size:
       if self.index >= self.num_rows:
         if not self.repeat:
-          rows.append(self.blank)
+          picked.append(None)
           continue
         self.epoch, self.index = self.epoch + 1, 0
         order = self._order()
-      rows.append(self.make_row(int(order[self.index])))
+      picked.append(int(order[self.index]))
       self.index += 1
+    mine = picked[self.first:self.first + self.local_batch_size]
+    rows = [self.blank if i is None else self.make_row(i) for i in mine]
     return {k: np.stack([r[k] for r in rows]) for k in self.blank}
 
   def get_state(self) -> dict:
