@@ -14,6 +14,21 @@ def define_config_flag(default: str | None = None):
                                          lock_config=True)
 
 
+def define_distributed_flags():
+  """--coordinator, --num_processes, --process_id for multi-process runs (see launch/); returns the joining call.
+
+  Without them, Slurm, Open MPI or JAX_COORDINATOR_ADDRESS in the environment still start several processes.
+  """
+  coordinator = flags.DEFINE_string('coordinator', '', 'Multi-process: HOST:PORT of process 0 (see launch/).')
+  num_processes = flags.DEFINE_integer('num_processes', 1, 'Multi-process: how many processes run this job.')
+  process_id = flags.DEFINE_integer('process_id', -1, 'Multi-process: this process, 0 .. num_processes - 1.')
+
+  def initialize() -> bool:
+    from lmlab import distributed  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
+    return distributed.initialize(coordinator.value, num_processes.value, process_id.value)
+  return initialize
+
+
 def config_name() -> str:
   """The config file this run was launched with (for reports)."""
   value = flags.FLAGS['config'].config_filename if 'config' in flags.FLAGS else ''

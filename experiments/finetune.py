@@ -9,17 +9,14 @@ from experiments import cli
 
 _CONFIG = cli.define_config_flag('experiments/configs/minilm_classify.py')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/finetune', 'Where metrics, checkpoints, the export and summary go.')
-_COORDINATOR = flags.DEFINE_string('coordinator', '', 'Multi-process: HOST:PORT of process 0 (see launch/).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Multi-process: how many processes run this job.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-process: this process, 0 .. num_processes - 1.')
+_JOIN_PROCESSES = cli.define_distributed_flags()
 
 
 def main(argv):
   del argv
-  from lmlab import distributed  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
-  from lmlab.finetune import trainer  # pylint: disable=g-import-not-at-top
+  from lmlab.finetune import trainer  # pylint: disable=g-import-not-at-top  (jax starts after flags parse)
   from lmlab.train import loop  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  _JOIN_PROCESSES()
   try:
     summary = trainer.run(_CONFIG.value, _WORKDIR.value)
   except FloatingPointError as error:
