@@ -9,14 +9,12 @@ The cache (flax `cache` collection, stacked over the scanned layers) holds only 
 """
 import dataclasses
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmlab.models import ModelConfig, Transformer, model_config_from_dict
+from lmlab.models import ModelConfig, Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,54 +118,15 @@ def make_generate(config: ModelConfig, max_new_tokens: int, sampling: Sampling, 
 def generate(config: ModelConfig, variables, prompts: list[list[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(), eos_ids: tuple[int, ...] = (), pad_id: int = 0,
              seed: int = 0) -> list[list[int]]:
-  """New token ids per prompt (up to and including the first EOS). `variables` = {'params': ...}."""
+  """New token ids per prompt (up to and including the first EOS).
+
+  `variables`: everything the model applies with, {'params': ..., **model state} (lmlab.convert's
+  Pretrained.variables): a sigmoid_bias MoE routes by its 'router_state' biases.
+  """
   tokens_BP, lengths_B = left_pad(prompts, pad_id)
   fn = make_generate(config, max_new_tokens, sampling, tuple(eos_ids), pad_id)
   out_BN, count_B = jax.device_get(fn(variables, tokens_BP, lengths_B, jax.random.key(seed)))
   return [row[:n].tolist() for row, n in zip(out_BN, count_B)]
-
-
-def tokenizer_from_metadata(info: dict):
-  """The tokenizer a training run recorded in its checkpoint metadata (`tokenizer.to_dict()`)."""
-  from lmlab.data import tokenizers  # pylint: disable=g-import-not-at-top
-  kind = info.get('kind')
-  if kind == 'bytes':
-    return tokenizers.ByteTokenizer()
-  if kind == 'hf':
-    return tokenizers.HFTokenizer.from_file(info['source'], eos_id=info.get('eos_id'), bos_id=info.get('bos_id'),
-                                            pad_id=info.get('pad_id'), chat_template=info.get('chat_template'),
-                                            add_bos=info.get('add_bos', False))
-  if kind == 'spm':
-    return tokenizers.SentencePieceTokenizer(info['source'])
-  raise ValueError(f'checkpoint metadata names tokenizer kind {kind!r}; known: bytes, hf, spm')
-
-
-def load_workdir(workdir: str, step: int | None = None):
-  """(ModelConfig, params, tokenizer, step) from a run's latest (or given) checkpoint; only weights are read."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
-  if not steps:
-    raise ValueError(f'no checkpoints in {directory}; train first or pass --pretrained')
-  step = steps[-1] if step is None else step
-  with open(os.path.join(directory, str(step), 'metadata', 'metadata')) as f:
-    meta = json.load(f)
-  state_dir = epath.Path(directory) / str(step) / 'state'
-  handler = ocp.PyTreeCheckpointHandler()  # the item alone: no checkpoint-level metadata is looked for
-  tree = handler.metadata(state_dir).tree
-  # Fine-tuning keeps frozen weights in the model_state collection 'frozen'; the model needs both.
-  wanted = {'params': tree['params'], **({'model_state': {'frozen': tree['model_state']['frozen']}}
-                                         if 'frozen' in (tree.get('model_state') or {}) else {})}
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                                    partial_restore=True))
-  params = restored['params']
-  if 'model_state' in restored:
-    from lmlab.finetune import lora  # pylint: disable=g-import-not-at-top
-    params = lora.merge_trees(params, restored['model_state']['frozen'])
-  return model_config_from_dict(meta['model']), params, tokenizer_from_metadata(meta['tokenizer']), step
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:

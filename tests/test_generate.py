@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmlab import generate
+from lmlab import convert, generate
 from lmlab.convert.testing import TINY, random_params
 from lmlab.models import Transformer
 
@@ -99,7 +99,8 @@ def train_tiny_run(workdir):
 def test_workdir_checkpoint_generates_like_its_params(tmp_path):
   workdir = str(tmp_path / 'run')
   train_tiny_run(workdir)
-  config, params, tokenizer, step = generate.load_workdir(workdir)
+  model = convert.load_model(workdir)
+  config, params, tokenizer, step = model.config, model.params, model.tokenizer, model.step
   assert step == 2 and tokenizer.name == 'bytes' and config.d_model == 32
   prompt = tokenizer.encode('def ')
   out = generate.generate(config, {'params': params}, [prompt], 6)

@@ -45,8 +45,11 @@ def get_base_config() -> ml_collections.ConfigDict:
                                   # (fresh start; this run's checkpoints are moved aside) | STEP (that step
                                   # of this run; newer ones are moved aside) | PATH (a checkpoint step dir,
                                   # checkpoints dir or workdir of another run, used while this run has none)
-  c.init_from = ''                # pretrained weights (HF dir, .gguf, lmlab Orbax export) for a fresh start;
-                                  # ignored when a checkpoint is resumed
+  c.init_from = ''                # pretrained weights for a fresh start: HF dir, .gguf, lmlab Orbax export, or a
+                                  # run's workdir (latest intact checkpoint; WORKDIR@best, WORKDIR@STEP); ignored
+                                  # when a checkpoint is resumed
+  c.verify_checkpoints = True     # check each restored array against the digest recorded when it was saved (one
+                                  # pass over the state on device); false skips the check (digests are still saved)
   c.progress = True               # console progress bar
 
   c.mesh = ml_collections.ConfigDict()

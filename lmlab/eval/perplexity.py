@@ -35,12 +35,12 @@ def plan_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
 
 
 def make_window_nll(config: ModelConfig):
-  """Jitted (params, tokens_BW, segment_ids_BW) -> nll_BW of token w+1 given tokens <= w, float32."""
+  """Jitted (variables, tokens_BW, segment_ids_BW) -> nll_BW of token w+1 given tokens <= w, float32."""
   model = Transformer(config)
 
   @jax.jit
-  def window_nll(params, tokens_BW, segment_ids_BW):
-    logits_BWV, _ = model.apply({'params': params}, tokens_BW, segment_ids_BL=segment_ids_BW)
+  def window_nll(variables, tokens_BW, segment_ids_BW):
+    logits_BWV, _ = model.apply(variables, tokens_BW, segment_ids_BL=segment_ids_BW)
     logp_BWV = jax.nn.log_softmax(logits_BWV[:, :-1].astype(jnp.float32), axis=-1)
     nll_BW = -jnp.take_along_axis(logp_BWV, tokens_BW[:, 1:, None], axis=-1)[..., 0]
     return jnp.pad(nll_BW, ((0, 0), (0, 1)))
@@ -49,8 +49,13 @@ def make_window_nll(config: ModelConfig):
 
 
 def score_tokens(config: ModelConfig, params, ids: Sequence[int], window: int, stride: int, batch_size: int = 8,
-                 pad_id: int = 0, window_nll=None, progress: Callable[[int, int], None] | None = None):
-  """(sum of NLL in nats, number of scored tokens) for one token sequence."""
+                 pad_id: int = 0, window_nll=None, progress: Callable[[int, int], None] | None = None,
+                 model_state: dict | None = None):
+  """(sum of NLL in nats, number of scored tokens) for one token sequence.
+
+  `model_state`: the non-trainable collections the model applies with beside `params` (a sigmoid_bias MoE's
+  router_state; lmlab.convert's Pretrained.model_state).
+  """
   if config.family != 'decoder':
     raise ValueError(f'perplexity needs a causal decoder; this model is an {config.family}')
   ids = np.asarray(ids, np.int32)
@@ -60,6 +65,7 @@ def score_tokens(config: ModelConfig, params, ids: Sequence[int], window: int, s
   stride = min(stride, window - 1)
   plan = plan_windows(len(ids), window, stride)
   window_nll = window_nll or make_window_nll(config)
+  variables = {'params': params, **(model_state or {})}
   total, count = 0.0, 0
   for start in range(0, len(plan), batch_size):
     chunk = plan[start:start + batch_size]
@@ -70,7 +76,7 @@ def score_tokens(config: ModelConfig, params, ids: Sequence[int], window: int, s
       tokens_BW[b, :end - begin] = ids[begin:end]
       segments_BW[b, :end - begin] = 1
       weights_BW[b, first - begin - 1:end - begin - 1] = 1.0  # position w predicts token w+1
-    nll_BW = np.asarray(window_nll(params, tokens_BW, segments_BW), np.float64)
+    nll_BW = np.asarray(window_nll(variables, tokens_BW, segments_BW), np.float64)
     total += float(np.sum(nll_BW * weights_BW))
     count += int(weights_BW.sum())
     if progress is not None:
@@ -80,20 +86,20 @@ def score_tokens(config: ModelConfig, params, ids: Sequence[int], window: int, s
 
 def evaluate_texts(config: ModelConfig, params, tokenizer, texts: Sequence[str], window: int = 1024,
                    stride: int | None = None, batch_size: int = 8,
-                   progress: Callable[[int, int], None] | None = None) -> dict:
+                   progress: Callable[[int, int], None] | None = None, model_state: dict | None = None) -> dict:
   """{'loss', 'perplexity', 'tokens', 'bytes', 'bits_per_byte', 'window', 'stride'} over `texts` (each scored alone).
 
   Bits per byte divides the summed NLL by the texts' UTF-8 bytes, whatever the tokenizer, so models
   with different vocabularies are comparable.
   """
   stride = stride or max(window // 2, 1)
-  params = jax.device_put(params)
+  params, model_state = jax.device_put((params, model_state))
   window_nll = make_window_nll(config)
   pad_id = tokenizer.pad_id if getattr(tokenizer, 'pad_id', None) is not None else 0
   total, count, n_bytes = 0.0, 0, 0
   for text in texts:
     ids = tokenizer.encode(text)
-    nll, n = score_tokens(config, params, ids, window, stride, batch_size, pad_id, window_nll, progress)
+    nll, n = score_tokens(config, params, ids, window, stride, batch_size, pad_id, window_nll, progress, model_state)
     total, count, n_bytes = total + nll, count + n, n_bytes + len(text.encode('utf-8'))
   if not count:
     raise ValueError('no tokens to score: every text encodes to fewer than two tokens')

@@ -150,7 +150,11 @@ class Task(abc.ABC):
     self.init_from = config.init_from
     if self.init_from:
       from lmlab import convert  # pylint: disable=g-import-not-at-top
-      model_config, self.pretrained, self.tokenizer = convert.load_pretrained(self.init_from)
+      pretrained = convert.load_model(self.init_from, verify=config.verify_checkpoints)
+      if pretrained.model_state:  # load_pretrained below places params and frozen weights only
+        raise ValueError(f'init_from={self.init_from} applies with model state ({", ".join(pretrained.model_state)}, '
+                         'e.g. MoE router biases) that fine-tuning cannot place yet; fine-tune a model without it')
+      model_config, self.pretrained, self.tokenizer = pretrained.config, pretrained.params, pretrained.tokenizer
       if self.tokenizer is None:
         raise ValueError(f'init_from={self.init_from} has no tokenizer; fine-tuning needs one for its text')
       runtime = {k: config.model[k] for k in RUNTIME_KEYS}

@@ -64,12 +64,10 @@ class FinetuneTrainer(loop.Trainer):
 
 
 def export(workdir: str) -> str:
-  """Merged weights of the run's latest checkpoint as an lmlab Orbax export in WORKDIR/export."""
-  from lmlab import convert, generate  # pylint: disable=g-import-not-at-top
-  from lmlab.finetune import lora  # pylint: disable=g-import-not-at-top
-  config, params, tokenizer, step = generate.load_workdir(workdir)
+  """The run's latest intact checkpoint, LoRA merged, as an lmlab Orbax export in WORKDIR/export."""
+  from lmlab import convert  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.abspath(workdir), 'export')
-  convert.save(path, 'orbax', config, lora.merged(params), tokenizer, source=f'{workdir} step {step}')
+  convert.export(workdir, 'orbax', path)
   return path
 
 
@@ -79,7 +77,9 @@ def run(config, workdir: str) -> dict:
   summary = trainer.train()
   if trainer.task.kind == 'classify':
     summary.update(trainer.task.baseline())
-  if config.finetune.export and config.checkpoint_every and jax.process_index() == 0:
+  if config.finetune.export and config.checkpoint_every:
+    # Every process: reading the checkpoint and writing the export are Orbax collectives (barriers), so process 0
+    # alone would wait for the others forever; Orbax has only process 0 write the (replicated) arrays.
     summary['export'] = export(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:

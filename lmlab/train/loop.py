@@ -62,7 +62,7 @@ class Trainer:
     if not steps:
       return self.fresh_state(f'no checkpoint in {own.directory}')
     step, state, data_state = checkpoint.restore_first_intact(source, steps, self.parts.abstract_state(), log,
-                                                              fall_back)
+                                                              fall_back, self.config.verify_checkpoints)
     newer = [s for s in own.steps() if s > step]
     if source is own and newer:  # damaged or abandoned: keep them out of this run's single history
       log(f'checkpoints {newer} (newer than step {step}) moved to {own.set_aside(newer)}')
@@ -84,27 +84,34 @@ class Trainer:
     return state
 
   def pretrained_state(self, path: str):
-    """A step-0 TrainState around the weights at `path`, placed on the parameter shardings; optimizer from tx.init."""
-    from lmlab.convert import load_pretrained  # pylint: disable=g-import-not-at-top  (optional readers inside)
-    pretrained_config, params, _ = load_pretrained(path)
-    target = self.parts.abstract_state().params
-    flat = checkpoint.path_shapes(params)
-    mismatch = checkpoint.first_mismatch(flat, checkpoint.path_shapes(target))
+    """A step-0 TrainState around the model at `path` (any lmlab.convert.load_model path, another run's workdir
+    included): weights and model state (e.g. router biases) placed on their shardings; optimizer from tx.init."""
+    from lmlab.convert import load_model  # pylint: disable=g-import-not-at-top  (optional readers inside)
+    pretrained = load_model(path, verify=self.config.verify_checkpoints, log=log)
+    target = self.parts.abstract_state()
+    # Every parameter comes from `path`; a collection of model state it lacks (the biases of a router it did not
+    # have) starts fresh.
+    source = {'params': pretrained.params, 'model_state': pretrained.model_state}
+    wanted = {'params': target.params, 'model_state': {k: v for k, v in target.model_state.items()
+                                                       if k in pretrained.model_state}}
+    source_shapes = checkpoint.path_shapes(source)
+    mismatch = checkpoint.first_mismatch(source_shapes, checkpoint.path_shapes(wanted))
     if mismatch:
-      raise ValueError(f'--config.init_from={path} does not fit this model: {mismatch}; set --config.model.* to '
-                       'the pretrained model\'s config')
+      raise ValueError(f'--config.init_from={path} does not fit this model: {mismatch.removeprefix("params/")}; set '
+                       '--config.model.* to the pretrained model\'s config')
     ours = model_config_to_dict(self.parts.model_config)
-    differ = [k for k, v in model_config_to_dict(pretrained_config).items() if ours.get(k) != v]
+    differ = [k for k, v in model_config_to_dict(pretrained.config).items() if ours.get(k) != v]
     if differ:
       log(f'note: the run\'s model config differs from {path}\'s in {", ".join(differ)} (shapes match)')
-    leaves = dict(zip(flat, jax.tree.leaves(params)))
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, t: _place(leaves[jax.tree_util.keystr(p, simple=True, separator='/')], t), target)
+    leaves = dict(zip(source_shapes, jax.tree.leaves(source)))
+    placed = jax.tree_util.tree_map_with_path(
+        lambda p, t: _place(leaves[jax.tree_util.keystr(p, simple=True, separator='/')], t), wanted)
 
-    def with_params(params):
+    def with_weights(placed):
       fresh = self.parts.create_state()  # traced: XLA drops its random parameters, nothing uses them
-      return fresh.replace(params=params, opt_state=self.parts.tx.init(params))
-    return jax.jit(with_params, out_shardings=self.parts.shardings, donate_argnums=0)(params)
+      return fresh.replace(params=placed['params'], model_state={**fresh.model_state, **placed['model_state']},
+                           opt_state=self.parts.tx.init(placed['params']))
+    return jax.jit(with_weights, out_shardings=self.parts.shardings, donate_argnums=0)(placed)
 
   def drop_metrics_after(self, step: int) -> None:
     """Rows past `step` came from a run that died after its last checkpoint: drop them, keep one clean history."""
