@@ -9,7 +9,8 @@ Datasets (`finetune.dataset`):
                  otherwise records split by a hash of (file, line).
   tfds:NAME      classification only: data.text_key and finetune.label_key of a TFDS split (array_record).
 Batches are dicts of numpy arrays with a leading batch axis holding this process's rows of the global batch,
-as `pipeline.to_global` expects; padding rows and tokens carry weight 0.
+as `pipeline.to_global` expects (multi-host: every process walks the same global order and builds only its own
+rows); padding rows and tokens carry weight 0.
 """
 import ast
 import functools
