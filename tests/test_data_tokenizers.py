@@ -104,3 +104,9 @@ def test_batches_with_bpe_tokens_stay_in_vocab(corpus, tmp_path):
                             process_index=0, process_count=1))
   assert batch['inputs'].max() < 280 and batch['weights'].sum() > 0
   assert not batch['weights'][batch['inputs'] == tokenizer.eos_id].any()
+
+
+def test_bytes_decode_skips_ids_past_the_bytes():
+  """A model's vocabulary may be padded past the tokenizer's 259 ids (dense_tiny has 384): such ids are not text."""
+  tokenizer = tokenizers.ByteTokenizer()
+  assert tokenizer.decode([3 + ord('a'), 1, 300, 3 + ord('b')]) == 'ab'

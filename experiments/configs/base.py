@@ -39,6 +39,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.log_every = 10                # steps between train metric rows
   c.eval_every = 100              # steps between evaluations; 0 disables
   c.eval_batches = 8              # validation batches per evaluation
+  c.eval_tasks = ''               # comma-separated mc:FILE.jsonl / gen:FILE.jsonl (lmlab/eval/tasks.py) run at every
+                                  # evaluation on decoders; metrics as eval/<task>/<metric> (one process only)
   c.checkpoint_every = 200        # steps between checkpoints; 0 disables
   c.keep_checkpoints = 3          # newest N checkpoints kept, plus the one with the best eval loss
   c.restore = 'latest'            # latest (newest intact checkpoint of this run, else a fresh start) | none
@@ -79,21 +81,26 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2             # batches prepared ahead in a background thread; 0 = none
 
   c.finetune = ml_collections.ConfigDict()
-  c.finetune.task = ''            # '' (pretraining) | classify (encoder + head) | sft (decoder, loss on responses);
+  c.finetune.task = ''            # '' (pretraining) | classify (encoder + head) | sft (decoder, loss on responses)
+                                  # | dpo (decoder, preference pairs) | reward (scalar head, preference pairs);
                                   # with a task, the model comes from init_from (model.* then only sets
                                   # compute_dtype, param_dtype, remat, attention, dropout)
   c.finetune.dataset = 'stdlib'   # stdlib (offline: classify = stdlib docstrings by package, sft = "what does
                                   # function X do?" -> its docstring summary) | files:GLOB (.jsonl; '{split}' in
                                   # GLOB picks files per split) | tfds:NAME (classify only); text in data.text_key
   c.finetune.label_key = 'label'  # classify: jsonl/tfds field with the label (int or string)
-  c.finetune.prompt_key = 'prompt'      # sft: jsonl field with the user's prompt
+  c.finetune.prompt_key = 'prompt'      # sft, dpo, reward: jsonl field with the user's prompt (dpo and reward
+                                        # rows also have 'chosen' and 'rejected' replies)
   c.finetune.response_key = 'response'  # sft: jsonl field with the reply the loss is taken on
-  c.finetune.pooling = 'mean'     # classify: mean (over non-padding tokens) | pooler (BERT dense+tanh on [CLS],
+  c.finetune.pooling = 'mean'     # classify, reward: mean (over non-padding tokens) | pooler (BERT dense+tanh on [CLS],
                                   # initialised from the checkpoint's pooler when it has one)
   c.finetune.method = 'lora'      # lora (adapters + head trained, the rest frozen) | full (every weight trained)
   c.finetune.lora_rank = 8        # r of A [in, r] and B [r, out]
   c.finetune.lora_alpha = 16.0    # adapted weight W + (alpha / r) * A @ B
   c.finetune.lora_targets = 'attn/(query|value)'  # regex searched in kernel paths like layers/block_0/attn/query
+  c.finetune.dpo_beta = 0.1        # dpo: strength of the pull to the reference (implicit reward = beta * log-ratio)
+  c.finetune.dpo_loss = 'sigmoid'  # dpo: sigmoid (DPO; with label smoothing: conservative DPO) | ipo | hinge
+  c.finetune.dpo_label_smoothing = 0.0  # dpo sigmoid: assumed share of flipped preference labels, in [0, 0.5)
   c.finetune.export = True        # at the end, write merged weights (LoRA folded in) to WORKDIR/export (Orbax)
 
   c.model = _config_dict(ModelConfig())

@@ -109,7 +109,9 @@ class ByteTokenizer:
     return [b + self.offset for b in text.encode('utf-8')]
 
   def decode(self, ids) -> str:
-    return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode('utf-8', errors='replace')
+    # Specials and ids past the bytes (a model's vocabulary may be padded beyond this tokenizer's) are not text.
+    return bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.vocab_size).decode(
+        'utf-8', errors='replace')
 
   def token_bytes(self) -> np.ndarray:
     lengths = np.ones(self.vocab_size, np.int32)

@@ -47,6 +47,7 @@ class Trainer:
         seed=config.seed, shuffle=shuffle, process_index=jax.process_index(), process_count=jax.process_count())
     self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main)
+    self.eval_tasks = _eval_task_specs(config.eval_tasks, self.parts.model_config)
 
   def metadata(self) -> dict:
     return {'model': model_config_to_dict(self.parts.model_config), 'tokenizer': self.tokenizer.to_dict()}
@@ -133,7 +134,25 @@ class Trainer:
     for batch in self.validation:
       out = self.eval_step(state.params, state.model_state, pipeline.to_global(batch, self.parts.mesh))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    return self.summarize_eval(jax.device_get(sums))
+    return {**self.summarize_eval(jax.device_get(sums)), **self.task_metrics(state)}
+
+  def analysis_model(self, state):
+    """The current weights as an lmlab.convert.Pretrained (what evaluation and interpretation tools take)."""
+    from lmlab.convert.model import Pretrained  # pylint: disable=g-import-not-at-top
+    return Pretrained(self.parts.model_config, state.params, state.model_state, self.tokenizer,
+                      f'{self.workdir} step {int(state.step)}', step=int(state.step))
+
+  def task_metrics(self, state) -> dict:
+    """config.eval_tasks on the current weights: each task's scalar metrics as eval/<task>/<metric>."""
+    if not self.eval_tasks:
+      return {}
+    from lmlab.eval import tasks  # pylint: disable=g-import-not-at-top
+    model, out = self.analysis_model(state), {}
+    for spec in self.eval_tasks:
+      results, _ = tasks.evaluate_task(model, spec, tasks.Settings(seed=self.config.seed))
+      out.update({f'eval/{spec.name}/{k}': float(v) for k, v in results.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
 
   def summarize_eval(self, sums) -> dict:
     """Eval metrics from the summed counts of the eval step."""
@@ -240,6 +259,23 @@ class Trainer:
       with open(os.path.join(self.workdir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _eval_task_specs(spec: str, model_config) -> list:
+  """config.eval_tasks parsed with every row checked now, so a bad file fails before training, not at step N."""
+  names = [name.strip() for name in spec.split(',') if name.strip()]
+  if not names:
+    return []
+  if model_config.family != 'decoder':
+    raise ValueError(f'config.eval_tasks scores with a causal decoder; this model is an {model_config.family}')
+  if jax.process_count() > 1:
+    raise ValueError('config.eval_tasks runs on one process; evaluate a multi-process run\'s checkpoints with '
+                     'python -m experiments.evaluate --pretrained=WORKDIR --task=...')
+  from lmlab.eval import tasks  # pylint: disable=g-import-not-at-top
+  specs = [tasks.parse_task(name) for name in names]
+  for task_spec in specs:
+    tasks.read_rows(task_spec)
+  return specs
 
 
 def _progress(start: int, total: int, enabled: bool):
