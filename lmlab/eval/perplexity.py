@@ -89,8 +89,8 @@ def evaluate_texts(config: ModelConfig, params, tokenizer, texts: Sequence[str],
                    progress: Callable[[int, int], None] | None = None, model_state: dict | None = None) -> dict:
   """{'loss', 'perplexity', 'tokens', 'bytes', 'bits_per_byte', 'window', 'stride'} over `texts` (each scored alone).
 
-  Bits per byte divides the summed NLL by the texts' UTF-8 bytes, whatever the tokenizer, so models
-  with different vocabularies are comparable.
+  Bits per byte divides the summed NLL by the UTF-8 bytes of the scored tokens (every token after each text's
+  first), whatever the tokenizer, so models with different vocabularies are comparable; 'bytes' counts those.
   """
   stride = stride or max(window // 2, 1)
   params, model_state = jax.device_put((params, model_state))
@@ -100,7 +100,8 @@ def evaluate_texts(config: ModelConfig, params, tokenizer, texts: Sequence[str],
   for text in texts:
     ids = tokenizer.encode(text)
     nll, n = score_tokens(config, params, ids, window, stride, batch_size, pad_id, window_nll, progress, model_state)
-    total, count, n_bytes = total + nll, count + n, n_bytes + len(text.encode('utf-8'))
+    # The first token is context, not predicted: its bytes stay out, like its nats (README: bits per byte).
+    total, count, n_bytes = total + nll, count + n, n_bytes + int(tokenizer.byte_counts(ids)[1:].sum())
   if not count:
     raise ValueError('no tokens to score: every text encodes to fewer than two tokens')
   loss = total / count
