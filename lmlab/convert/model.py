@@ -102,7 +102,9 @@ def load_workdir(workdir: str, which: str = '', verify: bool = True, log: Callab
   finally:
     checkpointer.close()
   model_state = dict(weights['model_state'])
-  # Fine-tuning keeps frozen weights in the 'frozen' collection and LoRA adapters beside them: fold both in.
+  # Fine-tuning keeps frozen weights in the 'frozen' collection and LoRA adapters beside them: fold both in. A
+  # preference run's frozen copy of its initial weights ('reference') is training state, not part of the model.
+  model_state.pop('reference', None)
   params = lora.merged(lora.merge_trees(weights['params'], model_state.pop('frozen', {})))
   return Pretrained(model_config_from_dict(metadata['model']), params, model_state,
                     tokenizer_from_dict(metadata.get('tokenizer'), workdir), f'{workdir} step {step}', metadata, step)

@@ -90,8 +90,9 @@ def stdlib_sft_records(split: str, validation_fraction: float) -> list[dict]:
   return records
 
 
-def jsonl_records(pattern: str, split: str, validation_fraction: float) -> list[dict]:
-  """Records of .jsonl files for one split ('{split}' in the glob, or a hash of file and line)."""
+def jsonl_records(pattern: str, split: str, validation_fraction: float, with_location: bool = False) -> list:
+  """Records of .jsonl files for one split ('{split}' in the glob, or a hash of file and line); with_location:
+  (record, 'path:line') pairs, so a bad record can be named."""
   by_split = '{split}' in pattern
   paths = sorted(glob.glob(pattern.replace('{split}', split), recursive=True))
   if not paths:
@@ -102,9 +103,10 @@ def jsonl_records(pattern: str, split: str, validation_fraction: float) -> list[
       for number, line in enumerate(f, 1):
         if line.strip() and (by_split or _split_of(f'{os.path.basename(path)}:{number}', split, validation_fraction)):
           try:
-            records.append(json.loads(line))
+            record = json.loads(line)
           except ValueError as error:
             raise ValueError(f'{path}:{number}: malformed JSON ({error}); fix the record') from error
+          records.append((record, f'{path}:{number}') if with_location else record)
   return records
 
 

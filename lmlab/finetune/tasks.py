@@ -143,6 +143,7 @@ def summarize_classification(sums) -> dict:
 class Task(abc.ABC):
   """Model, tokenizer, pretrained params and data of one fine-tuning run, built from the config."""
   kind = ''
+  model_class = FinetuneModel  # a task whose model holds more (DPO's reference weights) subclasses it
 
   def __init__(self, config):
     self.config = config
@@ -167,8 +168,8 @@ class Task(abc.ABC):
     self.label_names = self.setup_data()
     settings = dict(num_classes=len(self.label_names), pooling=f.pooling, method=f.method, lora_rank=f.lora_rank,
                     lora_alpha=f.lora_alpha, lora_targets=f.lora_targets)
-    self.model = FinetuneModel(self.model_config, deterministic=self.model_config.dropout == 0, **settings)
-    self.eval_model = FinetuneModel(self.model_config, deterministic=True, **settings)
+    self.model = self.model_class(self.model_config, deterministic=self.model_config.dropout == 0, **settings)
+    self.eval_model = self.model_class(self.model_config, deterministic=True, **settings)
 
   @abc.abstractmethod
   def setup_data(self) -> list[str]:
@@ -301,6 +302,8 @@ TASKS = {'classify': ClassificationTask, 'sft': SftTask}
 
 
 def make_task(config) -> Task:
-  if config.finetune.task not in TASKS:
-    raise ValueError(f'finetune.task={config.finetune.task!r} is not one of {", ".join(TASKS)} (or \'\' to pretrain)')
-  return TASKS[config.finetune.task](config)
+  from lmlab.finetune import dpo, reward  # pylint: disable=g-import-not-at-top  (they build on this module)
+  kinds = {**TASKS, dpo.DpoTask.kind: dpo.DpoTask, reward.RewardTask.kind: reward.RewardTask}
+  if config.finetune.task not in kinds:
+    raise ValueError(f'finetune.task={config.finetune.task!r} is not one of {", ".join(kinds)} (or \'\' to pretrain)')
+  return kinds[config.finetune.task](config)

@@ -5,6 +5,7 @@ loop needs besides is the task's tokenizer, batches, eval summary and metadata, 
 Trainer subclass. At the end the merged weights (LoRA folded in) are exported for --pretrained use.
 """
 import json
+import math
 import os
 
 import jax
@@ -20,7 +21,8 @@ class FinetuneTrainer(loop.Trainer):
     super().__init__(config, workdir)
     self.task = self.parts.task
     if self.task is None:
-      raise ValueError('finetune.task is empty; set it to classify or sft (or use experiments.train to pretrain)')
+      raise ValueError('finetune.task is empty; set it to classify, sft, dpo or reward (or use experiments.train to '
+                       'pretrain)')
     self.tokenizer = self.task.tokenizer
     self.eval_step = self.parts.jit_eval_step(self.tokenizer.token_bytes())
     self.batches = lambda split, shuffle: self.task.batches(split, shuffle)
@@ -55,7 +57,10 @@ class FinetuneTrainer(loop.Trainer):
     return self.task.summarize_eval(jax.tree.map(lambda x: float(x) if np.ndim(x) == 0 else np.asarray(x), sums))
 
   def unigram_entropy(self) -> float:
-    """Classification: entropy of the validation labels (the loss of the best constant guess); SFT: as pretraining."""
+    """Classification: entropy of the validation labels (the loss of the best constant guess); DPO and reward
+    models: ln 2 (their loss at the start); SFT: as pretraining."""
+    if self.task.kind in ('dpo', 'reward'):
+      return math.log(2)  # the loss of a policy equal to its reference, or of a scorer that ties every pair
     if self.task.kind != 'classify':
       return super().unigram_entropy()
     counts = np.bincount([y for _, y in self.task.eval_rows], minlength=len(self.task.label_names))

@@ -64,7 +64,8 @@ def make_train_step(model, tx, schedule, config, loss_fn=None):
                               opt_state=opt_state, model_state=model_state, rng=rng)
     metrics = {'loss': nll_sum / num_tokens, 'total_loss': loss, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state.step), 'tokens': num_tokens,
-               **{f'moe/{k}': v for k, v in aux.items()}}
+               # A task's own metrics arrive namespaced ('dpo/margin'); the model's bare keys are MoE metrics.
+               **{k if '/' in k else f'moe/{k}': v for k, v in aux.items()}}
     return new_state, metrics
 
   return train_step
