@@ -2,13 +2,14 @@
 
 Decoding: when the `cache` collection is mutable (and the model is not being initialised), each call
 appends its keys and values to a KV cache and attends over everything cached so far (see `kv_cache`).
+Interpretability: the `heads` site (layers.site) is each head's output before the output projection.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lmlab.models.config import ModelConfig
-from lmlab.models.layers import Dense, constrain, rope
+from lmlab.models.layers import Dense, constrain, rope, site
 
 
 def attention_mask(segment_ids_BL, causal: bool, kv_segment_ids_BS=None):
@@ -85,7 +86,7 @@ class Attention(nn.Module):
       self.sow('intermediates', 'attention_weights', probs_BHLS)
     else:
       out_BLHK = fused_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, c.attention)
-    out_BLHK = constrain(out_BLHK, ('act_batch', 'act_length', 'act_heads', None))
+    out_BLHK = site(self, 'heads', constrain(out_BLHK, ('act_batch', 'act_length', 'act_heads', None)))
     return Dense((D,), ('heads', 'head_dim', 'embed'), c, in_axes=2, use_bias=c.out_bias, name='out')(out_BLHK)
 
   def kv_cache(self, k_BLGK, v_BLGK, segment_ids_BL):

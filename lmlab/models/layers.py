@@ -1,4 +1,5 @@
-"""Small building blocks shared by every model family: norms, rotary embeddings, dtypes, initialisers."""
+"""Small building blocks shared by every model family: norms, rotary embeddings, dtypes, initialisers, and the
+named activation sites (`site`) that lmlab.interpret captures and patches."""
 import math
 from typing import Sequence
 
@@ -118,3 +119,17 @@ def rope(x_BLHK, positions_BL, base: float, config: ModelConfig | None = None):
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x * cos_BL1K + rotated * sin_BL1K).astype(x_BLHK.dtype)
+
+
+def site(module: nn.Module, name: str, x):
+  """A named activation for lmlab.interpret: replaced where variables['patches'][...][name]['mask'] holds, then sown.
+
+  Costs nothing unless asked for: the patch is traced only when the caller passes a `patches` entry for this
+  site ({'mask': bool, 'value': like x}; jnp.where, so a patched value is exactly the value given), and `sow` is
+  a no-op unless the `intermediates` collection is mutable (flax's init leaves it out too).
+  """
+  if module.has_variable('patches', name):
+    patch = module.get_variable('patches', name)
+    x = jnp.where(patch['mask'], patch['value'].astype(x.dtype), x)
+  module.sow('intermediates', name, x)
+  return x

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from lmlab import sharding
 from lmlab.models.config import ModelConfig, MoeConfig
-from lmlab.models.layers import constrain, dtype, partitioned
+from lmlab.models.layers import constrain, dtype, partitioned, site
 from lmlab.models.mlp import Mlp
 
 ROUTERS = ('softmax', 'sigmoid_bias', 'switch')
@@ -337,6 +337,7 @@ class MoeMlp(nn.Module):
     E, F, cdt = m.num_experts, m.expert_ffn_dim or c.ffn_dim, dtype(c.compute_dtype)
     real_BL = segment_ids_BL != 0  # padding is never routed, computed or counted
     choice_BLK, weights_BLK, metrics = self.route(x_BLD, real_BL)
+    weights_BLK = site(self, 'expert_weights', weights_BLK)  # zero a weight to ablate that expert for that token
     valid_BLK = real_BL[..., None] & (choice_BLK < E)  # assignments that reach a computing expert
     x_BLD = x_BLD.astype(cdt)
     y_BLD, keep_BLK = self.routed_experts(x_BLD, choice_BLK, valid_BLK, weights_BLK, F)
@@ -371,6 +372,9 @@ class MoeMlp(nn.Module):
     B, L, _ = x_BLD.shape
     logits_TN = jnp.einsum('BLD,DN->BLN', x_BLD, router_DN.astype(jnp.float32)).reshape(B * L, N)
     choice_TK, weights_TK, probs_TN = route(logits_TN, bias_N, m)
+    if self.is_mutable_collection('intermediates'):  # lmlab.interpret's routing capture; not even a reshape otherwise
+      self.sow('intermediates', 'router_probs', probs_TN.reshape(B, L, N))
+      self.sow('intermediates', 'experts', choice_TK.reshape(B, L, K))
     metrics = router_metrics(logits_TN, probs_TN, choice_TK, real_BL.reshape(-1))
     weights_BLK = jnp.where(real_BL[..., None], weights_TK.reshape(B, L, K), 0.0)
     return choice_TK.reshape(B, L, K), weights_BLK, metrics

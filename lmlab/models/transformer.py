@@ -5,6 +5,8 @@ token types, post-LayerNorm, GELU) are the same modules with different ModelConf
 Layers are grouped `layers_per_group` at a time (a MoE model with `moe.every=n` puts MoE in the
 last block of each group) and the groups are stacked with `nn.scan`, so compile time does not grow
 with depth; parameters of the stack carry the logical axis `layers` first.
+Named activations (`site`: residual stream, attention and MLP outputs, final norm, logits) can be captured and
+patched by lmlab.interpret; they cost nothing unless its collections are passed.
 """
 import flax.linen as nn
 import jax
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 
 from lmlab.models.attention import Attention
 from lmlab.models.config import ModelConfig
-from lmlab.models.layers import Dense, Norm, constrain, dtype, embed_init, partitioned
+from lmlab.models.layers import Dense, Norm, constrain, dtype, embed_init, partitioned, site
 from lmlab.models.mlp import Mlp
 
 REMAT_POLICIES = {
@@ -38,16 +40,17 @@ class Block(nn.Module):
       ffn = lambda y: MoeMlp(c, name='moe')(y, segment_ids_BL)
     else:
       ffn = lambda y: (Mlp(c, c.ffn_dim, name='mlp')(y), {})
-    attn = Attention(c, name='attn')
+    attn = lambda y: site(self, 'attention_output', Attention(c, name='attn')(y, positions_BL, segment_ids_BL))
+    x_BLD = site(self, 'residual_in', x_BLD)
     if c.post_norm:
-      h_BLD = Norm(c, name='attn_norm')(x_BLD + drop(attn(x_BLD, positions_BL, segment_ids_BL)))
+      h_BLD = Norm(c, name='attn_norm')(x_BLD + drop(attn(x_BLD)))
       y_BLD, aux = ffn(h_BLD)
-      out_BLD = Norm(c, name='mlp_norm')(h_BLD + drop(y_BLD))
+      out_BLD = Norm(c, name='mlp_norm')(h_BLD + drop(site(self, 'mlp_output', y_BLD)))
     else:
-      h_BLD = x_BLD + drop(attn(Norm(c, name='attn_norm')(x_BLD), positions_BL, segment_ids_BL))
+      h_BLD = x_BLD + drop(attn(Norm(c, name='attn_norm')(x_BLD)))
       y_BLD, aux = ffn(Norm(c, name='mlp_norm')(h_BLD))
-      out_BLD = h_BLD + drop(y_BLD)
-    return constrain(out_BLD, ('act_batch', 'act_length', 'act_embed')), aux
+      out_BLD = h_BLD + drop(site(self, 'mlp_output', y_BLD))
+    return site(self, 'residual_out', constrain(out_BLD, ('act_batch', 'act_length', 'act_embed'))), aux
 
 
 class BlockGroup(nn.Module):
@@ -82,7 +85,7 @@ class Transformer(nn.Module):
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
     embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=partitioned(embed_init(), ('vocab', 'embed')),
                      dtype=dtype(c.compute_dtype), param_dtype=dtype(c.param_dtype), name='embed')
-    x_BLD = embed(tokens_BL)
+    x_BLD = site(self, 'embeddings', embed(tokens_BL))  # token embeddings: what attribution differentiates
     if c.position == 'learned':
       x_BLD += nn.Embed(c.max_len, c.d_model, embedding_init=partitioned(embed_init(), (None, 'embed')),
                         param_dtype=dtype(c.param_dtype), name='pos_embed')(positions_BL).astype(x_BLD.dtype)
@@ -100,16 +103,18 @@ class Transformer(nn.Module):
       if c.remat not in REMAT_POLICIES:
         raise ValueError(f'model.remat={c.remat!r} is not one of none, {", ".join(REMAT_POLICIES)}')
       group = nn.remat(group, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-    stack = nn.scan(group, variable_axes={'params': 0, 'intermediates': 0, 'router_state': 0, 'cache': 0},
-                    split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, nn.broadcast),
+    # Every per-layer collection is stacked over layers; 'intermediates' and 'patches' are lmlab.interpret's sites.
+    per_layer = {'params': 0, 'intermediates': 0, 'patches': 0, 'router_state': 0, 'cache': 0}
+    stack = nn.scan(group, variable_axes=per_layer, split_rngs={'params': True, 'dropout': True},
+                    in_axes=(nn.broadcast, nn.broadcast),
                     length=c.num_layers // c.layers_per_group, metadata_params={nn.PARTITION_NAME: 'layers'})
     x_BLD, aux = stack(c, self.deterministic, name='layers')(x_BLD, positions_BL, segment_ids_BL)
     if not c.post_norm:
-      x_BLD = Norm(c, name='final_norm')(x_BLD)
+      x_BLD = site(self, 'final_hidden', Norm(c, name='final_norm')(x_BLD))
     if return_hidden:
       return x_BLD, aux
     if c.tie_embeddings:
       logits_BLV = embed.attend(x_BLD)
     else:
       logits_BLV = Dense((c.vocab_size,), ('embed', 'vocab'), c, name='lm_head')(x_BLD)
-    return constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab')), aux
+    return site(self, 'logits', constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab'))), aux
