@@ -51,7 +51,7 @@ def dpo_config(method='full', task='dpo', **overrides):
 
 def train(config, steps, devices=1, evaluate=True):
   """(metrics per step, state before, state after, eval metrics or None) of `steps` train steps."""
-  parts = build.build(config, jax.devices()[:devices])
+  parts = build.build(config, jax.devices()[:devices], tasks.make_task(config))
   history, evaluation = [], None
   with parts.context():
     state = parts.create_state()
@@ -61,7 +61,7 @@ def train(config, steps, devices=1, evaluate=True):
       state, metrics = parts.train_step(state, pipeline.to_global(next(batches), parts.mesh))
       history.append(jax.device_get(metrics))
     if evaluate:
-      eval_step = parts.jit_eval_step(None)
+      eval_step = parts.jit_eval_step()
       sums = [eval_step(state.params, state.model_state, pipeline.to_global(b, parts.mesh))
               for b in parts.task.batches(config.data.eval_split, shuffle=False, repeat=False)]
       evaluation = parts.task.summarize_eval(jax.tree.map(lambda *x: float(sum(x)), *jax.device_get(sums)))
@@ -118,7 +118,7 @@ def test_8_devices_with_microbatches_equal_1_device(full_run):
 def test_lora_reference_is_the_base_model_with_adapters_off():
   """No weight copy; with nonzero adapters the reference still scores like the base model, the policy does not."""
   config = dpo_config('lora')
-  parts = build.build(config, jax.devices()[:1])
+  parts = build.build(config, jax.devices()[:1], tasks.make_task(config))
   task = parts.task
   with parts.context():
     state = jax.device_get(parts.create_state())

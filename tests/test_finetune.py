@@ -52,7 +52,7 @@ def sft_config(method='lora', **overrides):
 
 def run_steps(config, steps):
   """(state before, state after) `steps` train steps on one device, as host arrays."""
-  parts = build.build(config, jax.devices()[:1])
+  parts = build.build(config, jax.devices()[:1], tasks.make_task(config))
   with parts.context():
     state = parts.create_state()
     before = jax.device_get(state)
@@ -100,11 +100,11 @@ def test_eval_fn_confusion_ignores_padding_rows():
   c.model.update(family='encoder', position='learned', max_len=64)
   task = tasks.make_task(c)
   assert task.label_names == ['even', 'odd']
-  parts = build.build(c, jax.devices()[:1])
+  parts = build.build(c, jax.devices()[:1], task)
   with parts.context():
     state = parts.create_state()
     batches = list(task.batches(c.data.eval_split, shuffle=False, repeat=False))
-    eval_step = parts.jit_eval_step(None)
+    eval_step = parts.jit_eval_step()
     total = sum(np.asarray(eval_step(state.params, state.model_state, pipeline.to_global(b, parts.mesh))['confusion'])
                 for b in batches)
   assert total.sum() == len(task.eval_rows) and len(batches) == -(-len(task.eval_rows) // c.batch_size)
@@ -169,7 +169,7 @@ def test_init_from_puts_the_pretrained_weights_and_pooler_in_place(tmp_path):
   convert.save(str(tmp_path / 'bert'), 'orbax', config, params, ByteTokenizer())
   c = sft_config(**{'finetune.task': 'classify', 'finetune.dataset': f'files:{jsonl_dir()}/labels.jsonl',
                     'finetune.pooling': 'pooler', 'init_from': str(tmp_path / 'bert')})
-  parts = build.build(c, jax.devices()[:1])
+  parts = build.build(c, jax.devices()[:1], tasks.make_task(c))
   with parts.context():
     state = jax.device_get(parts.create_state())
   assert parts.model_config.d_model == 64 and parts.model_config.family == 'encoder'  # the checkpoint's, not model.*
@@ -186,14 +186,14 @@ def test_minilm_lora_classifier_beats_the_majority_class():
   c = minilm_classify.get_config()
   c.steps, c.seq_len, c.warmup_steps, c.learning_rate = 120, 32, 10, 2e-3
   c.data.eval_split = 'validation'
-  parts = build.build(c, jax.devices()[:1])
+  parts = build.build(c, jax.devices()[:1], tasks.make_task(c))
   task = parts.task
   with parts.context():
     state = parts.create_state()
     batches = task.batches(c.data.train_split, shuffle=True)
     for _ in range(c.steps):
       state, _ = parts.train_step(state, pipeline.to_global(next(batches), parts.mesh))
-    eval_step = parts.jit_eval_step(None)
+    eval_step = parts.jit_eval_step()
     sums = [eval_step(state.params, state.model_state, pipeline.to_global(b, parts.mesh))
             for b in task.batches(c.data.eval_split, shuffle=False, repeat=False)]
   confusion = sum(np.asarray(s['confusion']) for s in sums)

@@ -1,10 +1,13 @@
-"""GRPO through lmlab's one train step: a rollout batch of a tiny LoRA Llama gives loss 0, a real gradient, KL 0."""
+"""GRPO through lmlab's one train step: a rollout batch of a tiny LoRA Llama gives loss 0, a real gradient, KL 0;
+the grpo task samples, logs its metrics and resumes exactly; max_kl stops a diverged policy."""
 import types
 
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tiny
 
 from experiments.configs import base
 from lmlab import sharding
@@ -56,3 +59,60 @@ def test_first_step_loss_is_zero_gradient_is_not_and_kl_is_zero():
     for _ in range(2):  # the warmup's first learning rate is 0: the second step is the first that moves
       state, metrics = train_step(state, pipeline.to_global(batch, mesh))
     assert float(metrics['grpo/kl']) > 1e-6  # the adapters moved: the policy left the reference (adapters off)
+
+
+def grpo_config(workdir_steps, **overrides):
+  """finetune.task=grpo from scratch on the arithmetic rows: a tiny byte decoder, 4 prompts x 2 samples a step,
+  rewarded for any digit or a-m (about 30% of random completions, so groups differ and the policy moves)."""
+  c = base.get_base_config()
+  c.finetune.task, c.finetune.method, c.finetune.dataset = 'grpo', 'full', 'arithmetic'
+  c.batch_size, c.seq_len, c.learning_rate, c.warmup_steps, c.progress = 8, 48, 1e-2, 1, False
+  c.steps, c.checkpoint_every, c.eval_every, c.log_every, c.eval_batches = workdir_steps, 2, 4, 1, 1
+  c.model.update(vocab_size=260, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64,
+                 compute_dtype='float32')
+  c.grpo.update(group_size=2, max_new_tokens=4, rewards='format:.*[0-9a-m].*', eval_prompts=4, beta=0.04)
+  return tiny.override(c, **overrides)
+
+
+@pytest.fixture(scope='module')
+def grpo_runs(tmp_path_factory):
+  """(metrics rows, final params) of 4 uninterrupted steps and of 2 steps + a resume to 4."""
+  from lmlab.finetune import trainer  # pylint: disable=g-import-not-at-top
+  from lmlab.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('grpo')
+  out = []
+  for name, stages in (('straight', (4,)), ('resumed', (2, 4))):
+    for steps in stages:
+      trainer.run(grpo_config(steps, **{'finetune.export': False}), str(root / name))
+    state = ocp.PyTreeCheckpointer().restore(str(root / name / 'checkpoints' / '4' / 'state'))
+    out.append((metrics_lib.read_rows(str(root / name / 'metrics.jsonl')), state['params']))
+  return out
+
+
+def test_grpo_task_logs_its_metrics_and_resumes_exactly(grpo_runs):
+  (straight, params), (resumed, resumed_params) = grpo_runs
+  train = [r for r in straight if 'loss' in r]
+  assert [r['step'] for r in train] == [1, 2, 3, 4]
+  for key in ('grpo/reward_mean', 'grpo/reward_std', 'grpo/kl', 'grpo/clipped', 'grpo/response_length',
+              'grpo/zero_variance_groups'):
+    assert all(np.isfinite(r[key]) for r in train), key
+  assert train[0]['grpo/kl'] < 1e-9 and train[-1]['grpo/kl'] > 1e-9  # starts at its reference, then leaves it
+  assert min(r['grpo/zero_variance_groups'] for r in train) < 1  # some group had a signal to learn from
+  evaluation = [r for r in straight if 'eval_exact_match' in r]
+  assert [r['step'] for r in evaluation] == [4] and 0 <= evaluation[0]['eval_exact_match'] <= 1
+  # Resume is exact: the same prompts, samples (seeded by step), rewards and updates as the uninterrupted run.
+  assert [r['step'] for r in resumed if 'loss' in r] == [1, 2, 3, 4]
+  same = lambda rows: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rows
+                       if r['step'] > 2 or 'loss' in r]
+  assert same(straight) == same(resumed)  # the first stage's own last evaluation (step 2) aside
+  jax.tree.map(np.testing.assert_array_equal, params, resumed_params)
+
+
+def test_max_kl_stops_a_diverged_policy_in_one_line():
+  task = tasks.make_task(grpo_config(4, **{'grpo.max_kl': 0.5}))
+  task.check_metrics(3, {'grpo/kl': 0.4})
+  with pytest.raises(FloatingPointError, match=r'diverged at step 3: KL to the reference 0.6 > grpo.max_kl=0.5') as e:
+    task.check_metrics(3, {'grpo/kl': 0.6})
+  assert '\n' not in str(e.value)
+  with pytest.raises(ValueError, match='group_size=3 must be >= 2 and divide batch_size=8'):
+    tasks.make_task(grpo_config(4, **{'grpo.group_size': 3}))

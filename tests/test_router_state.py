@@ -18,7 +18,7 @@ from lmlab.data.tokenizers import ByteTokenizer
 from lmlab.eval import perplexity
 from lmlab.finetune import tasks
 from lmlab.models import Transformer, model_config_from_dict
-from lmlab.train import loop
+from lmlab.train import build, loop
 from test_generate import recompute_greedy
 
 TEXT = 'import os\nprint(os.path.join("a", "b"))\n'
@@ -108,10 +108,19 @@ def test_init_from_places_the_biases_on_the_abstract_state_shardings(run, tmp_pa
 def test_formats_without_a_place_for_the_biases_refuse_in_one_line(run, tmp_path):
   workdir, export, _, _ = run
   refusals = [(lambda: convert.export(workdir, 'hf', str(tmp_path / 'hf')), 'only Mixtral-shaped MoE'),
-              (lambda: convert.load_pretrained(export), r'applies with model state \(router_state\).*load_model'),
-              (lambda: tasks.make_task(moe_config(init_from=export, **{'finetune.task': 'sft'})),
-               r'init_from=.* applies with model state \(router_state')]
+              (lambda: convert.load_pretrained(export), r'applies with model state \(router_state\).*load_model')]
   for refuse, message in refusals:
     with pytest.raises(ValueError, match=message) as error:
       refuse()
     assert '\n' not in str(error.value)
+
+
+def test_fine_tuning_init_from_places_the_router_biases(run):
+  """An SFT task started from the export carries its trained biases into the fine-tuning state."""
+  _, export, variables, _ = run
+  config = moe_config(init_from=export, **{'finetune.task': 'sft'})
+  parts = build.build(config, jax.devices()[:1], task=tasks.make_task(config))
+  with parts.context():
+    state = parts.create_state()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.model_state['router_state']),
+               variables['router_state'])

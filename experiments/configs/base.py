@@ -82,12 +82,14 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.finetune = ml_collections.ConfigDict()
   c.finetune.task = ''            # '' (pretraining) | classify (encoder + head) | sft (decoder, loss on responses)
-                                  # | dpo (decoder, preference pairs) | reward (scalar head, preference pairs);
+                                  # | dpo (decoder, preference pairs) | reward (scalar head, preference pairs)
+                                  # | grpo (decoder, {prompt, answer} rows, rewards of its own samples: c.grpo);
                                   # with a task, the model comes from init_from (model.* then only sets
                                   # compute_dtype, param_dtype, remat, attention, dropout)
   c.finetune.dataset = 'stdlib'   # stdlib (offline: classify = stdlib docstrings by package, sft = "what does
                                   # function X do?" -> its docstring summary) | files:GLOB (.jsonl; '{split}' in
                                   # GLOB picks files per split) | tfds:NAME (classify only); text in data.text_key
+                                  # | arithmetic (sft, grpo: "What is a + b?" -> its value, a, b in 0..19, +/-)
   c.finetune.label_key = 'label'  # classify: jsonl/tfds field with the label (int or string)
   c.finetune.prompt_key = 'prompt'      # sft, dpo, reward: jsonl field with the user's prompt (dpo and reward
                                         # rows also have 'chosen' and 'rejected' replies)
@@ -102,6 +104,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.finetune.dpo_loss = 'sigmoid'  # dpo: sigmoid (DPO; with label smoothing: conservative DPO) | ipo | hinge
   c.finetune.dpo_label_smoothing = 0.0  # dpo sigmoid: assumed share of flipped preference labels, in [0, 0.5)
   c.finetune.export = True        # at the end, write merged weights (LoRA folded in) to WORKDIR/export (Orbax)
+
+  c.grpo = ml_collections.ConfigDict()  # finetune.task=grpo: each step samples, scores and learns from a rollout
+  c.grpo.group_size = 4           # G samples per prompt (>= 2); batch_size / G prompts per step
+  c.grpo.max_new_tokens = 16      # sampled tokens per completion (prompt + completion must fit seq_len)
+  c.grpo.temperature = 1.0        # sampling temperature of the rollouts (evaluation is greedy)
+  c.grpo.top_p = 1.0              # nucleus sampling of the rollouts; 1: off
+  c.grpo.rewards = 'exact_match'  # comma-separated reward functions (lmlab/finetune/reward_functions.py), summed:
+                                  # exact_match | numeric | format:REGEX | reward_model:PATH | module:function
+  c.grpo.answer_key = 'answer'    # jsonl field with the reference answer the rewards compare to
+  c.grpo.epsilon_low = 0.2        # clipped ratio's lower bound 1 - epsilon_low
+  c.grpo.epsilon_high = 0.2       # and upper bound 1 + epsilon_high (DAPO: 0.28)
+  c.grpo.beta = 0.04              # weight of the k3 KL to the reference (the starting model); 0: logged only
+  c.grpo.normalization = 'token'  # token (mean over every response token) | sequence (per response, then mean)
+  c.grpo.scale_rewards = True     # divide advantages by the group's std (False: Dr. GRPO, centred only)
+  c.grpo.max_kl = 0.0             # stop when a step's mean KL to the reference exceeds this; 0: never
+  c.grpo.eval_prompts = 64        # held-out prompts answered greedily at each evaluation (eval_exact_match)
 
   c.model = _config_dict(ModelConfig())
   return c

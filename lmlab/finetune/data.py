@@ -145,13 +145,32 @@ def classification_dataset(config, split: str, label_names: list[str] | None = N
   return texts, [index[str(v)] for v in raw], label_names
 
 
+ARITHMETIC_MAX = 19  # operands 0..19 with + and -: 800 problems a small model can learn to verify in minutes
+
+
+def arithmetic_records(split: str, validation_fraction: float) -> list[dict]:
+  """Every 'What is a + b?' / 'What is a - b?' (a, b in 0..ARITHMETIC_MAX) with its value as both 'response' (SFT)
+  and 'answer' (GRPO's rewards), split by a hash of the question."""
+  records = []
+  for a in range(ARITHMETIC_MAX + 1):
+    for b in range(ARITHMETIC_MAX + 1):
+      for op, value in (('+', a + b), ('-', a - b)):
+        prompt = f'What is {a} {op} {b}?'
+        if _split_of(prompt, split, validation_fraction):
+          records.append({'prompt': prompt, 'response': str(value), 'answer': str(value)})
+  return records
+
+
 def sft_records(config, split: str) -> list[dict]:
   spec = config.finetune.dataset
   if spec == 'stdlib':
     return stdlib_sft_records(split, config.data.validation_fraction)
+  if spec == 'arithmetic':
+    return arithmetic_records(split, config.data.validation_fraction)
   if spec.startswith('files:'):
     return jsonl_records(spec[len('files:'):], split, config.data.validation_fraction)
-  raise ValueError(f'finetune.dataset={spec!r} for sft: use stdlib or files:GLOB (jsonl with prompt/response)')
+  raise ValueError(f'finetune.dataset={spec!r} for sft: use stdlib, arithmetic or files:GLOB (jsonl with '
+                   'prompt/response)')
 
 
 def encode_for_classification(tokenizer, text: str, seq_len: int) -> list[int]:

@@ -4,6 +4,8 @@ The reference (lmlab/finetune/reference.py) is the model as training starts: LoR
 or a copy of the initial weights with full fine-tuning. Pairs stay together under the strided microbatch split
 because the pair is an inner axis; `weights` is one per pair, so losses and metrics are means over pairs.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -82,10 +84,6 @@ class DpoTask(tasks.SftTask):
                  f'within seq_len={self.config.seq_len}); {len(encoded.pairs)} kept')
     return []
 
-  def load_pretrained(self, state, shardings):
-    """init_from's weights in place, then (full fine-tuning) the reference set to a copy of them."""
-    return reference.with_reference(super().load_pretrained(state, shardings))
-
   def batches(self, split: str, shuffle: bool, repeat: bool = True):
     pairs = self.pairs[split].pairs
     return data.Batches(len(pairs), lambda i: preference_data.pair_row(self._row, *pairs[i]),
@@ -101,6 +99,10 @@ class DpoTask(tasks.SftTask):
   def summarize_eval(self, sums) -> dict:
     return summarize(sums)
 
-  def metadata(self) -> dict:
-    return {**super().metadata(), 'dpo': self.settings,
+  def baseline_loss(self, validation) -> float:
+    del validation
+    return math.log(2)  # the loss of a policy equal to its reference
+
+  def finetune_metadata(self) -> dict:
+    return {**super().finetune_metadata(), 'dpo': self.settings,
             'skipped_pairs': {split: p.skipped for split, p in self.pairs.items()}}

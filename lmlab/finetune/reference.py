@@ -28,6 +28,12 @@ class ReferencedModel(tasks.FinetuneModel):
   def apply(self, variables, *args, **kwargs):
     return super().apply({k: v for k, v in variables.items() if k != REFERENCE}, *args, **kwargs)
 
+  def destinations(self, names: list[str]) -> list[str]:
+    """A pretrained parameter's places: the policy's, and (full fine-tuning) the reference's copy of it, so the
+    reference is the pretrained model. Placed separately, so the donated train step never frees it."""
+    places = super().destinations(names)
+    return places + [f'model_state/{REFERENCE}/{"/".join(names)}'] if self.method == 'full' else places
+
   def reference_variables(self, model_state):
     """The reference's variables: the initial-weights copy, or the frozen base with no trainable adapters."""
     rest = {k: v for k, v in model_state.items() if k != REFERENCE}
@@ -35,10 +41,3 @@ class ReferencedModel(tasks.FinetuneModel):
       return {**rest, 'params': model_state[REFERENCE], 'frozen': {}}
     return {**rest, 'params': {}}
 
-
-def with_reference(state):
-  """`state` with (full fine-tuning) its reference set to a copy of its current params: after init_from's weights
-  are placed, the reference is the pretrained model. A copy, so the donated train step never frees it."""
-  if REFERENCE not in state.model_state:
-    return state
-  return state.replace(model_state={**state.model_state, REFERENCE: jax.tree.map(jnp.copy, state.params)})

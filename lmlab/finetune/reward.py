@@ -5,6 +5,8 @@ rendered exchange, prompt and response); pairs are batched [B, 2, L] (chosen, re
 strided microbatch split keeps them together. Eval: the loss and pairwise accuracy over validation pairs. The
 export is a classification export with one class, which `lmlab.rewards` loads as a scorer.
 """
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -109,5 +111,9 @@ class RewardTask(tasks.Task):
   def summarize_eval(self, sums) -> dict:
     return summarize(sums)
 
-  def metadata(self) -> dict:
-    return {**super().metadata(), 'pooling': self.config.finetune.pooling, 'skipped_pairs': self.skipped}
+  def baseline_loss(self, validation) -> float:
+    del validation
+    return math.log(2)  # the loss of a scorer that ties every pair
+
+  def finetune_metadata(self) -> dict:
+    return {**super().finetune_metadata(), 'pooling': self.config.finetune.pooling, 'skipped_pairs': self.skipped}

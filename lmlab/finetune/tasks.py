@@ -1,27 +1,29 @@
-"""Fine-tuning tasks: what build.py needs to train something other than next-token prediction from scratch.
+"""Fine-tuning tasks: what lmlab.train's build and loop receive to train something other than pretraining.
 
-A task holds the pretrained model (`init_from`, via lmlab.convert) or a config-built one, its tokenizer,
-a `FinetuneModel` (transformer + optional classification head + optional LoRA adapters, behind the
-init/apply that state.py and step.py already use) and, for classification, its own loss, eval sums and
-summary. SFT needs none of those: it is the language-model loss on weighted tokens, so the standard
-step and eval apply unchanged. Frozen weights live outside `params`, in the non-trainable `frozen`
-collection of the TrainState's model_state: the step differentiates and the optimizer updates (and
+A task (the methods lmlab/train/task.py lists) holds the pretrained model (`init_from`, via lmlab.convert) or a
+config-built one, its tokenizer, a `FinetuneModel` (transformer + optional classification head + optional LoRA
+adapters, behind the init/apply that state.py and step.py already use) and, for classification, its own loss,
+eval sums and summary. SFT needs none of those: it is the language-model loss on weighted tokens, so the
+language-model task's step and eval apply unchanged. Frozen weights live outside `params`, in the non-trainable
+`frozen` collection of the TrainState's model_state: the step differentiates and the optimizer updates (and
 keeps Adam moments for) the trainable leaves only.
 """
 import abc
 import dataclasses
 import json
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lmlab.data import tokenizers
 from lmlab.finetune import chat, data, lora
 from lmlab.models import ModelConfig, Transformer, model_config_from_dict
 from lmlab.models.heads import ClassificationHead
+from lmlab.train import losses, task as task_lib
 
 HEAD_KEYS = ('pooler', 'classifier')
 # Taken from config.model even when init_from supplies the architecture: how to run, not what the network is.
@@ -68,6 +70,11 @@ class FinetuneModel:
     adapter = names[0] == 'lora' and names[-1] in ('a', 'b')
     return self.method == 'full' or adapter or names[0] in HEAD_KEYS
 
+  def destinations(self, names: list[str]) -> list[str]:
+    """Where a pretrained parameter goes in the TrainState: params when trained, the frozen collection if not."""
+    path = '/'.join(names)
+    return [f'params/{path}' if self.is_trainable(names) else f'model_state/frozen/{path}']
+
   def split(self, params) -> tuple[dict, dict]:
     """(trainable, frozen) nested dicts of `params`' leaves (boxed leaves stay boxed)."""
     trainable, frozen = {}, {}
@@ -76,13 +83,18 @@ class FinetuneModel:
       lora.set_path(trainable if self.is_trainable(names) else frozen, names, leaf)
     return trainable, frozen
 
+  def transformer_variables(self, variables) -> dict:
+    """The plain Transformer's variables (LoRA merged in, frozen weights joined, no head): what it, the generator
+    and every lmlab.convert reader apply."""
+    params = lora.merged(lora.merge_trees(variables['params'], variables.get('frozen', {})))
+    params = {k: v for k, v in params.items() if k not in HEAD_KEYS}
+    return {'params': params, **{k: v for k, v in variables.items() if k not in ('params', 'frozen')}}
+
   def apply(self, variables, tokens_BL, positions_BL=None, segment_ids_BL=None, rngs=None):
     """(token logits_BLV or class logits_BC, aux), through the merged LoRA weights."""
-    params = lora.merged(lora.merge_trees(variables['params'], variables.get('frozen', {})))
-    head = {k: params.pop(k) for k in HEAD_KEYS if k in params}
-    model_state = {k: v for k, v in variables.items() if k not in ('params', 'frozen')}
-    out, aux = self.transformer().apply({'params': params, **model_state}, tokens_BL, positions_BL, segment_ids_BL,
-                                        return_hidden=bool(self.num_classes), rngs=rngs)
+    head = {k: v for k, v in variables['params'].items() if k in HEAD_KEYS}
+    out, aux = self.transformer().apply(self.transformer_variables(variables), tokens_BL, positions_BL,
+                                        segment_ids_BL, return_hidden=bool(self.num_classes), rngs=rngs)
     if self.num_classes:
       out = self.head().apply({'params': head}, out, segment_ids_BL > 0)
     return out, aux
@@ -92,13 +104,18 @@ def _is_box(x) -> bool:
   return isinstance(x, nn.LogicallyPartitioned)
 
 
+def class_nll_sum(logits_BC, labels_B, weights_B) -> jax.Array:
+  """Weighted cross-entropy summed over rows: the token cross-entropy with each row one 'token'."""
+  nll_sum, _, _ = losses.token_cross_entropy(logits_BC[:, None], labels_B[:, None], weights_B[:, None])
+  return nll_sum
+
+
 def classification_loss_fn(model: FinetuneModel):
   """(params, model_state, batch, rng) -> (loss sum, nll sum, aux): weighted cross-entropy over rows."""
   def loss_fn(params, model_state, batch, rng):
     logits_BC, aux = model.apply({'params': params, **model_state}, batch['inputs'], batch['positions'],
                                  batch['segment_ids'], rngs={'dropout': rng})
-    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch['labels'])
-    nll_sum = jnp.sum(nll_B * batch['weights'])
+    nll_sum = class_nll_sum(logits_BC, batch['labels'], batch['weights'])
     return nll_sum, nll_sum, aux
   return loss_fn
 
@@ -108,10 +125,10 @@ def classification_eval_fn(model: FinetuneModel):
   def eval_fn(params, model_state, batch):
     logits_BC, _ = model.apply({'params': params, **model_state}, batch['inputs'], batch['positions'],
                                batch['segment_ids'])
-    nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch['labels'])
     true_BC = jax.nn.one_hot(batch['labels'], model.num_classes) * batch['weights'][:, None]
     predicted_BC = jax.nn.one_hot(jnp.argmax(logits_BC, -1), model.num_classes)
-    return {'nll_sum': jnp.sum(nll_B * batch['weights']), 'examples': jnp.sum(batch['weights']),
+    return {'nll_sum': class_nll_sum(logits_BC, batch['labels'], batch['weights']),
+            'examples': jnp.sum(batch['weights']),
             'confusion': jnp.einsum('BT,BP->TP', true_BC, predicted_BC)}
   return eval_fn
 
@@ -140,26 +157,24 @@ def summarize_classification(sums) -> dict:
           'eval_confusion': json.dumps(np.asarray(sums['confusion']).round().astype(int).tolist())}
 
 
-class Task(abc.ABC):
-  """Model, tokenizer, pretrained params and data of one fine-tuning run, built from the config."""
+class Task(task_lib.LanguageModelTask, abc.ABC):
+  """Model, tokenizer, pretrained weights and data of one fine-tuning run, built from the config; what it does not
+  override (loss, eval, baseline) is the language-model task's."""
   kind = ''
   model_class = FinetuneModel  # a task whose model holds more (DPO's reference weights) subclasses it
 
-  def __init__(self, config):
-    self.config = config
+  def __init__(self, config):  # pylint: disable=super-init-not-called  (the model comes from init_from, not model.*)
+    self.config, self.workdir = config, None
     f = config.finetune
     self.init_from = config.init_from
     if self.init_from:
       from lmlab import convert  # pylint: disable=g-import-not-at-top
-      pretrained = convert.load_model(self.init_from, verify=config.verify_checkpoints)
-      if pretrained.model_state:  # load_pretrained below places params and frozen weights only
-        raise ValueError(f'init_from={self.init_from} applies with model state ({", ".join(pretrained.model_state)}, '
-                         'e.g. MoE router biases) that fine-tuning cannot place yet; fine-tune a model without it')
-      model_config, self.pretrained, self.tokenizer = pretrained.config, pretrained.params, pretrained.tokenizer
-      if self.tokenizer is None:
+      self.pretrained = convert.load_model(self.init_from, verify=config.verify_checkpoints)
+      if self.pretrained.tokenizer is None:
         raise ValueError(f'init_from={self.init_from} has no tokenizer; fine-tuning needs one for its text')
+      self.tokenizer = self.pretrained.tokenizer
       runtime = {k: config.model[k] for k in RUNTIME_KEYS}
-      self.model_config = dataclasses.replace(model_config, **runtime)
+      self.model_config = dataclasses.replace(self.pretrained.config, **runtime)
     else:
       self.pretrained = None
       self.model_config = model_config_from_dict(config.model.to_dict())
@@ -175,38 +190,39 @@ class Task(abc.ABC):
   def setup_data(self) -> list[str]:
     """Builds the task's datasets; returns the label names (empty for SFT)."""
 
-  def load_pretrained(self, state, shardings):
-    """state with every pretrained tensor put in place, sharded, in params or the frozen collection."""
-    if self.pretrained is None:
-      return state
-    trees = {'params': (state.params, shardings.params),
-             'frozen': (state.model_state.get('frozen', {}), shardings.model_state.get('frozen', {}))}
-    where = {}
-    for collection, (values, targets) in trees.items():
-      for path, value in jax.tree_util.tree_flatten_with_path(values)[0]:
-        where[jax.tree_util.keystr(path)] = (collection, path, value)
-    targets = {c: dict(jax.tree_util.tree_flatten_with_path(t[1])[0]) for c, t in trees.items()}
-    loaded = {c: {} for c in trees}
-    for path, value in jax.tree_util.tree_flatten_with_path(self.pretrained)[0]:
-      name = jax.tree_util.keystr(path)
-      if name not in where:
-        if name.startswith("['pooler']"):
-          continue  # a BERT pooler the mean-pooling head does not use
-        raise ValueError(f'init_from tensor {name} has no place in the model; the checkpoint and config disagree')
-      collection, model_path, current = where[name]
-      if tuple(value.shape) != tuple(current.shape):
-        raise ValueError(f'init_from tensor {name} has shape {value.shape}, the model {current.shape}')
-      host = np.asarray(value, current.dtype)  # each process fills only its own shards
-      loaded[collection][model_path] = jax.make_array_from_callback(host.shape, targets[collection][model_path],
-                                                                    lambda index, host=host: host[index])
-    replace = lambda tree, new: jax.tree.unflatten(jax.tree.structure(tree), [
-        new.get(p, v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]])
-    model_state = dict(state.model_state)
-    if 'frozen' in model_state:
-      model_state['frozen'] = replace(model_state['frozen'], loaded['frozen'])
-    return state.replace(params=replace(state.params, loaded['params']), model_state=model_state)
+  @abc.abstractmethod
+  def batches(self, split: str, shuffle: bool, repeat: bool = True):
+    """This process's rows of the split's batches (data.Batches)."""
 
-  def metadata(self) -> dict:
+  def eval_batches(self, n: int) -> list:
+    """Up to n batches of one pass over the validation split (never an example twice)."""
+    batches = self.batches(self.config.data.eval_split, shuffle=False, repeat=False)
+    return [b for _, b in zip(range(n), batches)]
+
+  def pretrained_weights(self, abstract_state) -> dict:
+    """init_from's parameters where the model keeps them (trained, frozen, a reference copy) and its model state
+    (e.g. a sigmoid_bias MoE's router biases) in its own collections; the head and adapters stay fresh."""
+    source = task_lib.pretrained_names({}, self.pretrained.model_state)
+    for path, value in jax.tree_util.tree_leaves_with_path(self.pretrained.params):
+      names = [str(getattr(k, 'key', k)) for k in path]
+      if names[0] == 'pooler' and 'pooler' not in abstract_state.params:
+        continue  # a BERT pooler the mean-pooling head does not use
+      source.update({name: value for name in self.model.destinations(names)})
+    return source
+
+  def metadata(self, workdir: str) -> dict:
+    """The tokenizer (saved as WORKDIR/tokenizer.json when it is a Hugging Face one, for generate --workdir; a
+    GGUF's lives inside the model file) and the task's settings."""
+    info = {**self.tokenizer.to_dict(), 'chat_template': getattr(self.tokenizer, 'chat_template', None),
+            'add_bos': bool(getattr(self.tokenizer, 'add_bos', False))}
+    inner = getattr(self.tokenizer, 'tokenizer', None)
+    if info['kind'] == 'hf' and hasattr(inner, 'save'):
+      info['source'] = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
+      if jax.process_index() == 0:
+        inner.save(info['source'])
+    return {'tokenizer': info, 'finetune': self.finetune_metadata()}
+
+  def finetune_metadata(self) -> dict:
     f = self.config.finetune
     return {'task': self.kind, 'init_from': self.init_from, 'method': f.method, 'labels': self.label_names,
             'lora': {'rank': f.lora_rank, 'alpha': f.lora_alpha, 'targets': f.lora_targets} if f.method == 'lora'
@@ -250,6 +266,13 @@ class ClassificationTask(Task):
   def summarize_eval(self, sums) -> dict:
     return summarize_classification(sums)
 
+  def baseline_loss(self, validation) -> float:
+    """Entropy of the validation labels: the loss of the best constant guess."""
+    del validation
+    counts = np.bincount([y for _, y in self.eval_rows], minlength=len(self.label_names))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
   def baseline(self) -> dict:
     """The majority class's share of the validation set: the accuracy to beat."""
     counts = np.bincount([y for _, y in self.eval_rows], minlength=len(self.label_names))
@@ -287,23 +310,15 @@ class SftTask(Task):
     return data.Batches(len(rows), lambda i: self._row(*rows[i]), self._row([], []), self.config.batch_size,
                         self.config.seed, shuffle, repeat)
 
-  def loss_fn(self):
-    return None  # the language-model loss of step.py
-
-  def eval_fn(self):
-    return None
-
-  def summarize_eval(self, sums) -> dict:
-    from lmlab.train import step  # pylint: disable=g-import-not-at-top
-    return step.summarize_eval(sums)
 
 
 TASKS = {'classify': ClassificationTask, 'sft': SftTask}
 
 
 def make_task(config) -> Task:
-  from lmlab.finetune import dpo, reward  # pylint: disable=g-import-not-at-top  (they build on this module)
-  kinds = {**TASKS, dpo.DpoTask.kind: dpo.DpoTask, reward.RewardTask.kind: reward.RewardTask}
+  """The task `finetune.task` names, built from the config (its pretrained model loaded, its data read)."""
+  from lmlab.finetune import dpo, grpo_task, reward  # pylint: disable=g-import-not-at-top  (they build on this)
+  kinds = {**TASKS, **{t.kind: t for t in (dpo.DpoTask, reward.RewardTask, grpo_task.GrpoTask)}}
   if config.finetune.task not in kinds:
     raise ValueError(f'finetune.task={config.finetune.task!r} is not one of {", ".join(kinds)} (or \'\' to pretrain)')
   return kinds[config.finetune.task](config)

@@ -11,9 +11,9 @@ import numpy as np
 from absl import logging
 
 from lmlab import distributed
-from lmlab.data import pipeline, tokenizers
+from lmlab.data import pipeline
 from lmlab.models import model_config_to_dict
-from lmlab.train import build, checkpoint, metrics as metrics_lib, step as step_lib
+from lmlab.train import build, checkpoint, metrics as metrics_lib, step as step_lib, task as task_lib
 
 
 def log(message: str) -> None:
@@ -32,25 +32,24 @@ class Preempted(Exception):
 
 
 class Trainer:
-  """Everything a run needs, built once from the config; `train()` runs the loop."""
+  """Everything a run of `task` needs (default: pretraining from config), built once; `train()` runs the loop."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, task=None):
     self.config, self.workdir = config, workdir
     self.is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    self.parts = build.build(config)
-    self.tokenizer = tokenizers.tokenizer_from_config(config.data, workdir)
-    tokenizers.check_vocab(self.parts.model_config.vocab_size, self.tokenizer)
-    self.eval_step = self.parts.jit_eval_step(self.tokenizer.token_bytes())
-    self.batches = lambda split, shuffle: pipeline.make_batches(
-        config.data, self.tokenizer, split=split, global_batch_size=config.batch_size, seq_len=config.seq_len,
-        seed=config.seed, shuffle=shuffle, process_index=jax.process_index(), process_count=jax.process_count())
+    self.task = task or task_lib.LanguageModelTask(config, workdir)
+    self.parts = build.build(config, task=self.task)
+    self.tokenizer = self.task.tokenizer
+    self.eval_step = self.parts.jit_eval_step()
+    self.batches = self.task.batches
     self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main)
     self.eval_tasks = _eval_task_specs(config.eval_tasks, self.parts.model_config)
+    self.task_metadata = self.task.metadata(workdir)
 
   def metadata(self) -> dict:
-    return {'model': model_config_to_dict(self.parts.model_config), 'tokenizer': self.tokenizer.to_dict()}
+    return {'model': model_config_to_dict(self.parts.model_config), **self.task_metadata}
 
   def restore_or_init(self, train_iter):
     """The state --config.restore asks for (data iterator positioned to match), else a fresh or pretrained one."""
@@ -77,42 +76,10 @@ class Trainer:
   def fresh_state(self, why: str):
     """Step 0: random parameters, or --config.init_from's pretrained ones."""
     self.drop_metrics_after(0)
-    if not self.config.init_from:
-      log(f'starting from scratch ({why})')
-      return self.parts.create_state()
-    state = self.pretrained_state(self.config.init_from)
-    log(f'starting from scratch with pretrained weights from {self.config.init_from} ({why})')
+    state = self.parts.create_state()
+    pretrained = f' with pretrained weights from {self.config.init_from}' if self.config.init_from else ''
+    log(f'starting from scratch{pretrained} ({why})')
     return state
-
-  def pretrained_state(self, path: str):
-    """A step-0 TrainState around the model at `path` (any lmlab.convert.load_model path, another run's workdir
-    included): weights and model state (e.g. router biases) placed on their shardings; optimizer from tx.init."""
-    from lmlab.convert import load_model  # pylint: disable=g-import-not-at-top  (optional readers inside)
-    pretrained = load_model(path, verify=self.config.verify_checkpoints, log=log)
-    target = self.parts.abstract_state()
-    # Every parameter comes from `path`; a collection of model state it lacks (the biases of a router it did not
-    # have) starts fresh.
-    source = {'params': pretrained.params, 'model_state': pretrained.model_state}
-    wanted = {'params': target.params, 'model_state': {k: v for k, v in target.model_state.items()
-                                                       if k in pretrained.model_state}}
-    source_shapes = checkpoint.path_shapes(source)
-    mismatch = checkpoint.first_mismatch(source_shapes, checkpoint.path_shapes(wanted))
-    if mismatch:
-      raise ValueError(f'--config.init_from={path} does not fit this model: {mismatch.removeprefix("params/")}; set '
-                       '--config.model.* to the pretrained model\'s config')
-    ours = model_config_to_dict(self.parts.model_config)
-    differ = [k for k, v in model_config_to_dict(pretrained.config).items() if ours.get(k) != v]
-    if differ:
-      log(f'note: the run\'s model config differs from {path}\'s in {", ".join(differ)} (shapes match)')
-    leaves = dict(zip(source_shapes, jax.tree.leaves(source)))
-    placed = jax.tree_util.tree_map_with_path(
-        lambda p, t: _place(leaves[jax.tree_util.keystr(p, simple=True, separator='/')], t), wanted)
-
-    def with_weights(placed):
-      fresh = self.parts.create_state()  # traced: XLA drops its random parameters, nothing uses them
-      return fresh.replace(params=placed['params'], model_state={**fresh.model_state, **placed['model_state']},
-                           opt_state=self.parts.tx.init(placed['params']))
-    return jax.jit(with_weights, out_shardings=self.parts.shardings, donate_argnums=0)(placed)
 
   def drop_metrics_after(self, step: int) -> None:
     """Rows past `step` came from a run that died after its last checkpoint: drop them, keep one clean history."""
@@ -120,21 +87,18 @@ class Trainer:
     if dropped:
       log(f'metrics.jsonl: dropped {dropped} rows past step {step}')
 
-  def eval_batches(self):
-    eval_iter = self.batches(self.config.data.eval_split, shuffle=False)
-    return [next(eval_iter) for _ in range(self.config.eval_batches)]
-
   @functools.cached_property
   def validation(self) -> list:
     """The validation batches, built once per run: evaluation is deterministic, so each eval sees the same ones."""
-    return self.eval_batches()
+    return self.task.eval_batches(self.config.eval_batches)
 
   def evaluate(self, state) -> dict:
     sums = None
     for batch in self.validation:
       out = self.eval_step(state.params, state.model_state, pipeline.to_global(batch, self.parts.mesh))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    return {**self.summarize_eval(jax.device_get(sums)), **self.task_metrics(state)}
+    return {**self.task.summarize_eval(jax.device_get(sums)), **self.task.eval_metrics(state),
+            **self.task_metrics(state)}
 
   def analysis_model(self, state):
     """The current weights as an lmlab.convert.Pretrained (what evaluation and interpretation tools take)."""
@@ -153,24 +117,6 @@ class Trainer:
       out.update({f'eval/{spec.name}/{k}': float(v) for k, v in results.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return out
-
-  def summarize_eval(self, sums) -> dict:
-    """Eval metrics from the summed counts of the eval step."""
-    return step_lib.summarize_eval(jax.tree.map(float, sums))
-
-  def unigram_entropy(self) -> float:
-    """Entropy (nats/token) of the validation targets' own unigram distribution: the loss to beat.
-
-    Fit on the very tokens it is scored on, so it is a lower bound for any unigram model.
-    """
-    counts = np.zeros(self.tokenizer.vocab_size)
-    for batch in self.validation:
-      np.add.at(counts, batch['targets'].ravel(), batch['weights'].ravel())
-    if jax.process_count() > 1:  # each process counted only its own rows
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      counts = multihost_utils.process_allgather(counts).sum(axis=0)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
 
   def save(self, state, train_iter, eval_loss=None, force=False):
     self.checkpointer.save(int(state.step), state, train_iter.get_state(), json.loads(self.config.to_json()),
@@ -202,12 +148,12 @@ class Trainer:
     progress = _progress(int(state.step), c.steps, enabled=c.progress and self.is_main)
     pending, tick, last_eval = None, time.time(), {}
     for step in range(int(state.step), c.steps):
-      batch = pipeline.to_global(next(train_iter), self.parts.mesh)
-      state, step_metrics = self.parts.train_step(state, batch)
+      batch, host_metrics = self.task.next_batch(state, train_iter)
+      state, step_metrics = self.parts.train_step(state, pipeline.to_global(batch, self.parts.mesh))
       if pending is not None:  # fetch the previous step's metrics only now: the device never waits on us
         self._report(*pending, progress)
       done = step + 1
-      pending, tick = (done, step_metrics, tick), time.time()
+      pending, tick = (done, {**step_metrics, **host_metrics}, tick), time.time()
       evaluate = c.eval_every and (done % c.eval_every == 0 or done == c.steps)
       save = c.checkpoint_every and done % c.checkpoint_every == 0
       stop = done < c.steps and watch.stop_at(done)
@@ -217,7 +163,8 @@ class Trainer:
       if evaluate:
         last_eval = self.evaluate(state)
         self.writer.write(done, last_eval)
-        progress.write(f'step {done}: {step_lib.describe_eval(last_eval)}')
+        if self.is_main:  # tqdm's write prints even when the bar is disabled
+          progress.write(f'step {done}: {step_lib.describe_eval(last_eval)}')
       eval_loss = last_eval.get('eval_loss') if evaluate else None
       if stop:
         progress.close()
@@ -237,6 +184,7 @@ class Trainer:
     loss = float(values['loss'])
     if not math.isfinite(loss):
       raise FloatingPointError(f'loss is {loss} at step {step}; lower --config.learning_rate or check the data')
+    self.task.check_metrics(step, values)
     tokens_per_s = self.config.batch_size * self.config.seq_len / max(time.time() - tick, 1e-9)
     progress.update(step - progress.n)
     progress.set_postfix(loss=f'{loss:.4f}', tok_s=f'{tokens_per_s:,.0f}', refresh=False)
@@ -248,7 +196,8 @@ class Trainer:
     self.writer.close()
     train_rows = [r for r in rows if 'loss' in r]
     summary = {'step': int(state.step), 'final_train_loss': train_rows[-1]['loss'] if train_rows else None,
-               **last_eval, 'unigram_entropy': self.unigram_entropy(), 'corpus': fingerprint, 'wall_time_s': wall_time,
+               **last_eval, 'unigram_entropy': self.task.baseline_loss(self.validation), 'corpus': fingerprint,
+               'wall_time_s': wall_time,
                'num_params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
                'workdir': os.path.abspath(self.workdir)}
     if self.is_main:
@@ -287,9 +236,3 @@ def _progress(start: int, total: int, enabled: bool):
 
 def run(config, workdir: str) -> dict:
   return Trainer(config, workdir).train()
-
-
-def _place(value, target: jax.ShapeDtypeStruct) -> jax.Array:
-  """A host array as a global array on `target`'s sharding; each process fills only its own shards."""
-  value = np.asarray(value, dtype=target.dtype)
-  return jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])

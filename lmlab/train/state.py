@@ -4,6 +4,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -44,10 +45,41 @@ def state_shardings(model, tx, seed: int, seq_len: int, mesh, rules):
                     model_state=model_state_shardings, rng=replicated)
 
 
-def create_train_state(model, tx, seed: int, seq_len: int, shardings) -> TrainState:
-  """Parameters are born sharded: no full copy ever sits on one device."""
+def create_train_state(model, tx, seed: int, seq_len: int, shardings, weights: dict | None = None) -> TrainState:
+  """Parameters are born sharded: no full copy ever sits on one device.
+
+  `weights` ({'params/...' or 'model_state/COLLECTION/...': host array}, e.g. a pretrained model's) replace the
+  initial values of those leaves, each placed on its leaf's sharding; the optimizer state is initialised on the
+  result. The one place pretrained weights meet shardings, for pretraining's init_from and every fine-tuning task.
+  """
   init = _init_fn(model, tx, seed, seq_len)
-  return jax.jit(lambda: sharding.strip_boxes(init()), out_shardings=shardings)()
+  if not weights:
+    return jax.jit(lambda: sharding.strip_boxes(init()), out_shardings=shardings)()
+  abstract = abstract_state(model, tx, seed, seq_len, shardings)
+  targets = {jax.tree_util.keystr(p, simple=True, separator='/'): t for p, t in
+             jax.tree_util.tree_leaves_with_path({'params': abstract.params, 'model_state': abstract.model_state})}
+  placed = {}
+  for name, value in weights.items():
+    if name not in targets:
+      raise ValueError(f'pretrained tensor {name} has no place in this model; the checkpoint and the config disagree')
+    if tuple(np.shape(value)) != tuple(targets[name].shape):
+      raise ValueError(f'pretrained tensor {name} has shape {tuple(np.shape(value))}, the model '
+                       f'{tuple(targets[name].shape)}; the checkpoint and the config disagree')
+    placed[name] = _place(value, targets[name])
+
+  def with_weights(placed):
+    fresh = sharding.strip_boxes(init())  # traced: XLA drops the initial values that `placed` replaces
+    trees = jax.tree_util.tree_map_with_path(
+        lambda p, x: placed.get(jax.tree_util.keystr(p, simple=True, separator='/'), x),
+        {'params': fresh.params, 'model_state': fresh.model_state})
+    return fresh.replace(params=trees['params'], model_state=trees['model_state'], opt_state=tx.init(trees['params']))
+  return jax.jit(with_weights, out_shardings=shardings, donate_argnums=0)(placed)
+
+
+def _place(value, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """A host array as a global array on `target`'s sharding; each process fills only its own shards."""
+  value = np.asarray(value, dtype=target.dtype)
+  return jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])
 
 
 def abstract_state(model, tx, seed: int, seq_len: int, shardings) -> TrainState:
