@@ -18,7 +18,7 @@ setup(
         'tfds': ['tensorflow-datasets>=4.9', 'array_record>=0.8'],
         'tf': ['tensorflow-cpu>=2.18', 'tensorflow-datasets>=4.9'],
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'tensorflow-datasets>=4.9', 'array_record>=0.8', 'ray>=2.40',
-                 'submitit>=1.5', 'lm-eval>=0.4.9', 'scipy>=1.11'],
+                 'submitit>=1.5', 'lm-eval>=0.4.9', 'scipy>=1.11', 'playwright>=1.49'],
         'sweep': ['ray>=2.40', 'submitit>=1.5'],
         'eval': ['lm-eval>=0.4.9'],
         'parity': ['torch==2.13.0', 'transformers>=4.50', 'accelerate>=1.0'],

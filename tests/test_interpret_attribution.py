@@ -1,4 +1,5 @@
-"""Gradient x input, integrated gradients and occlusion: exact on linear functions, consistent on a tiny model."""
+"""Gradient x input, integrated gradients and occlusion (one compiled call): exact on linear functions, consistent
+on a tiny model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,17 +28,28 @@ def linear():
   return w_LD, lambda x_LD: jnp.sum(w_LD * x_LD) + 3.0
 
 
+@pytest.fixture(scope='module')
+def from_pad(llama):
+  """Every method from the pad baseline with 2 IG steps: the one compile the tests below share."""
+  config, variables, _, f, x_LD, _ = llama
+  base_LD = attribution.baseline(config, variables['params'], TOKENS, 'pad', pad_id=0)
+  return base_LD, attribution.attribute(f, x_LD, base_LD, attribution.METHODS, 2)
+
+
 @pytest.mark.parametrize('rule', attribution.RULES)
-def test_integrated_gradients_is_exact_for_a_linear_function(rule):
+def test_attribution_is_exact_for_a_linear_function(rule):
   w_LD, f = linear()
   x_LD = jax.random.normal(jax.random.key(1), (6, 4))
   base_LD = jax.random.normal(jax.random.key(2), (6, 4))
-  attributions_L, gap = attribution.integrated_gradients(f, x_LD, base_LD, 3, rule)
-  np.testing.assert_allclose(attributions_L, jnp.sum(w_LD * (x_LD - base_LD), -1), rtol=1e-5, atol=1e-5)
-  assert float(gap) < 1e-4
-  np.testing.assert_allclose(attribution.gradient_x_input(f, x_LD), jnp.sum(w_LD * x_LD, -1), rtol=1e-6)
-  np.testing.assert_allclose(attribution.occlusion(f, x_LD, base_LD), jnp.sum(w_LD * (x_LD - base_LD), -1),
-                             rtol=1e-4, atol=1e-4)
+  got = attribution.attribute(f, x_LD, base_LD, attribution.METHODS, 3, rule)
+  np.testing.assert_allclose(got['integrated_gradients'], jnp.sum(w_LD * (x_LD - base_LD), -1), rtol=1e-5,
+                             atol=1e-5)
+  assert float(got['ig_completeness_gap']) < 1e-4
+  np.testing.assert_allclose(got['grad_x_input'], jnp.sum(w_LD * x_LD, -1), rtol=1e-6)
+  np.testing.assert_allclose(got['occlusion'], jnp.sum(w_LD * (x_LD - base_LD), -1), rtol=1e-4, atol=1e-4)
+  assert set(attribution.attribute(f, x_LD, base_LD, ['occlusion'])) == {'occlusion'}
+  with pytest.raises(ValueError, match='telepathy'):
+    attribution.attribute(f, x_LD, base_LD, ['occlusion', 'telepathy'])
 
 
 def test_quadrature_rules_integrate_polynomials():
@@ -53,33 +65,34 @@ def test_objective_is_the_models_score(llama):
   np.testing.assert_allclose(f(x_LD), jax.nn.log_softmax(captured['logits'][0, -1])[target], rtol=1e-5)
 
 
-def test_attribution_is_zero_when_input_is_the_baseline(llama):
+def test_attribution_is_zero_when_input_is_the_baseline(llama, from_pad):
   _, _, _, f, x_LD, _ = llama
-  attributions_L, gap = attribution.integrated_gradients(f, x_LD, x_LD, 2, 'gauss_legendre')
-  np.testing.assert_array_equal(attributions_L, 0.0)
-  assert float(gap) == 0.0
-  np.testing.assert_array_equal(attribution.occlusion(f, x_LD, x_LD), 0.0)
+  got = attribution.attribute(f, x_LD, x_LD, attribution.METHODS, 2)  # the fixture's compile: only values differ
+  np.testing.assert_array_equal(got['integrated_gradients'], 0.0)
+  assert float(got['ig_completeness_gap']) == 0.0
+  np.testing.assert_array_equal(got['occlusion'], 0.0)
+  assert np.abs(from_pad[1]['integrated_gradients']).max() > 1e-3  # not zero for any reason but x = baseline
 
 
-def test_completeness_gap_shrinks_with_steps(llama):
-  config, variables, _, f, x_LD, _ = llama
-  base_LD = attribution.baseline(config, variables['params'], TOKENS, 'pad', pad_id=0)
+def test_completeness_gap_shrinks_with_steps(llama, from_pad):
+  _, _, _, f, x_LD, _ = llama
+  base_LD, two = from_pad
   total = float(f(x_LD) - f(base_LD))
+  sixteen = attribution.attribute(f, x_LD, base_LD, ['integrated_gradients'], 16)
   gaps = {}
-  for steps in (2, 16):  # 2 steps: the compile of the zero-attribution test above is reused
-    attributions_L, gap = attribution.integrated_gradients(f, x_LD, base_LD, steps, 'gauss_legendre')
-    np.testing.assert_allclose(float(gap), abs(float(jnp.sum(attributions_L)) - total), atol=1e-6)
-    gaps[steps] = float(gap)
+  for steps, got in ((2, two), (16, sixteen)):
+    np.testing.assert_allclose(float(got['ig_completeness_gap']),
+                               abs(float(jnp.sum(got['integrated_gradients'])) - total), atol=1e-6)
+    gaps[steps] = float(got['ig_completeness_gap'])
   # Measured: gaps 0.38 and 2.6e-4 for a score difference of 0.75.
   assert gaps[16] < gaps[2] / 100 and gaps[16] < 1e-2 * abs(total), gaps
 
 
-def test_occlusion_is_leave_one_token_out(llama):
+def test_occlusion_is_leave_one_token_out(llama, from_pad):
   config, variables, _, f, x_LD, _ = llama
-  base_LD = attribution.baseline(config, variables['params'], TOKENS, 'pad', pad_id=0)
+  base_LD, got = from_pad
   np.testing.assert_allclose(base_LD, jnp.broadcast_to(variables['params']['embed']['embedding'][0], x_LD.shape))
-  scores_L = attribution.occlusion(f, x_LD, base_LD)
   for l in (0, 3, 7):  # a causal model: the last position sees every token
-    np.testing.assert_allclose(scores_L[l], f(x_LD) - f(x_LD.at[l].set(base_LD[l])), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got['occlusion'][l], f(x_LD) - f(x_LD.at[l].set(base_LD[l])), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match='pad token'):
     attribution.baseline(config, variables['params'], TOKENS, 'pad')

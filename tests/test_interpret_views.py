@@ -1,7 +1,9 @@
-"""Attention rollout, the escaped HTML report and the whole experiments.interpret pipeline on a tiny MoE model."""
+"""Attention rollout, the escaped HTML report (in headless Chromium too), the whole experiments.interpret pipeline on
+a tiny MoE model, and the CLI on a classifier fine-tune's workdir."""
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,9 +12,12 @@ import pytest
 
 from lmlab import convert
 from lmlab.convert import testing
+from lmlab.data.tokenizers import ByteTokenizer
 from lmlab.interpret import attention_views, pipeline, report
 
 XSS = '<script>alert(1)</script>'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = '/usr/bin/chromium'  # Debian's package; launch/test.sh installs it, Playwright never downloads one
 
 
 def test_rollout_by_hand():
@@ -38,7 +43,8 @@ def test_report_escapes_model_and_input_strings(tmp_path):
 
 @pytest.fixture(scope='module')
 def moe_run(tmp_path_factory):
-  config = dataclasses.replace(testing.TINY['mixtral'], vocab_size=257)  # the byte-level tokenizer's ids
+  # The byte-level tokenizer's ids; 2 heads keep the per-head PNGs few.
+  config = dataclasses.replace(testing.TINY['mixtral'], vocab_size=257, num_heads=2, num_kv_heads=1)
   model = convert.Pretrained(config, testing.random_params(config), {}, testing.byte_level_tokenizer(), 'tiny moe')
   out = str(tmp_path_factory.mktemp('interpret'))
   text = f'a {XSS} b'
@@ -70,33 +76,99 @@ def test_pipeline_writes_every_view(moe_run):
   assert page.count('data:image/png;base64,') == len(pngs)
 
 
+def test_report_in_a_real_browser_runs_no_script_and_loads_nothing(moe_run):
+  sync_api = pytest.importorskip('playwright.sync_api', reason='needs playwright (the [test] extra)')
+  if not os.path.exists(CHROMIUM):
+    pytest.skip(f'no {CHROMIUM}: launch/test.sh installs it (apt-get install chromium, as root)')
+  _, out, _, text = moe_run
+  attention_XHLL = np.round(np.load(os.path.join(out, 'attention.npy')).astype(np.float64), 4)
+  url = pathlib.Path(out, 'report.html').as_uri()
+  with sync_api.sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+        '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+        '--no-first-run'])
+    try:
+      page = browser.new_page()
+      dialogs, requests = [], []
+      page.on('dialog', lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+      page.on('request', lambda request: requests.append(request.url))
+      # The payload calls alert: it would both open a dialog and set this flag.
+      page.add_init_script('window.pwned = false; const a = window.alert;'
+                           'window.alert = (...x) => { window.pwned = true; return a.apply(window, x); };')
+      page.goto(url, wait_until='load')
+      assert page.locator('code').first.inner_text() == text and page.locator('code').first.is_visible()
+      assert page.get_by_text(XSS).first.is_visible()
+      tokens = page.locator('#hv .tok')
+      assert tokens.count() == len(text)
+
+      def alphas():  # the head view colours each token by the hovered query's attention to it (alpha 1: rgb)
+        return tokens.evaluate_all('els => els.map(e => { const c = e.style.backgroundColor.match(/[0-9.]+/g);'
+                                   'return c.length === 4 ? +c[3] : 1; })')
+
+      assert max(alphas()) == 0.0
+      for layer, head, query in ((0, 0, len(text) - 1), (1, 1, 5)):
+        page.select_option('#hv-layer', str(layer))
+        page.select_option('#hv-head', str(head))
+        tokens.nth(query).hover()
+        np.testing.assert_allclose(alphas(), np.minimum(1.0, 1.5 * attention_XHLL[layer, head, query]), atol=5e-3)
+      assert not page.evaluate('window.pwned') and dialogs == []
+      assert requests == [url]  # the page itself; images are inline data
+    finally:
+      browser.close()
+
+
 def test_cli_rejects_bad_methods_in_one_line(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, '-m', 'experiments.interpret', f'--pretrained={tmp_path}', '--text=x',
-                         '--methods=attention,telepathy', f'--output_dir={tmp_path}'], cwd=root, capture_output=True,
+                         '--methods=attention,telepathy', f'--output_dir={tmp_path}'], cwd=ROOT, capture_output=True,
                         text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "error: --methods has unknown ['telepathy']; pick from " + ','.join(pipeline.METHODS)]
 
 
-def test_classifier_explains_a_class_logit(tmp_path):
+@pytest.fixture(scope='module')
+def classifier_workdir(tmp_path_factory):
+  """A one-step LoRA fine-tune of a tiny random BERT with the pooler head on a two-label jsonl."""
+  from experiments.configs import base  # pylint: disable=g-import-not-at-top
+  from lmlab.finetune import trainer  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('classifier')
+  config = dataclasses.replace(testing.TINY['bert'], vocab_size=ByteTokenizer.vocab_size)
+  convert.save(str(root / 'bert'), 'orbax', config, testing.random_params(config, seed=3), ByteTokenizer())
+  with open(root / 'labels.jsonl', 'w', encoding='utf-8') as f:
+    for i in range(16):
+      f.write(json.dumps({'text': ('spam ' if i % 2 else 'ham ') * (1 + i % 3), 'label': 'odd' if i % 2 else 'even'})
+              + '\n')
+  c = base.get_base_config()
+  c.init_from, c.finetune.task, c.finetune.dataset = str(root / 'bert'), 'classify', f'files:{root}/labels.jsonl'
+  c.finetune.pooling, c.finetune.export, c.data.validation_fraction = 'pooler', False, 0.25
+  c.batch_size, c.seq_len, c.steps, c.warmup_steps, c.progress = 8, 16, 1, 0, False
+  c.checkpoint_every, c.eval_every, c.log_every = 1, 0, 1
+  trainer.run(c, str(root / 'workdir'))
+  return str(root / 'workdir')
+
+
+def test_classifier_workdir_explains_a_class_logit_through_the_cli(classifier_workdir, tmp_path):
   from lmlab.finetune.tasks import FinetuneModel  # pylint: disable=g-import-not-at-top
-  config = dataclasses.replace(testing.TINY['bert'], vocab_size=257)
-  params = testing.random_params(config)  # an encoder's params include the BERT pooler
-  rng = np.random.RandomState(1)
-  params['classifier'] = {'kernel': rng.standard_normal((config.d_model, 3)).astype(np.float32),
-                          'bias': rng.standard_normal(3).astype(np.float32)}
-  model = convert.Pretrained(config, params, {}, testing.byte_level_tokenizer(), 'tiny classifier')
-  result = pipeline.interpret(model, 'good film', str(tmp_path), ['grad_x_input'], label=2)
-  ids = np.asarray([result['ids']])
-  logits_BC, _ = FinetuneModel(config, num_classes=3, pooling='pooler').apply({'params': params}, ids, None,
-                                                                              np.ones_like(ids))
-  assert result['objective'] == 'class logit' and result['target'] == 2
-  assert result['prediction'] == int(np.argmax(logits_BC[0]))
-  np.testing.assert_allclose(result['target_score'], logits_BC[0, 2], rtol=1e-5, atol=1e-5)
-  assert len(result['scores']['grad_x_input']) == len('good film')
+  proc = subprocess.run([sys.executable, '-m', 'experiments.interpret', f'--pretrained={classifier_workdir}',
+                         '--text=ham spam', '--label=1', '--methods=grad_x_input,integrated_gradients,occlusion',
+                         '--ig_steps=4', f'--output_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  saved = json.load(open(tmp_path / 'interpret.json', encoding='utf-8'))
+  model = convert.load_model(classifier_workdir)
+  params = model.variables['params']
+  assert sorted(k for k in params if k in ('classifier', 'pooler')) == ['classifier', 'pooler']
+  ids = np.asarray([saved['ids']])
+  assert saved['ids'] == ByteTokenizer().encode('ham spam')
+  analysed = dataclasses.replace(model.config, compute_dtype='float32')  # the run trained in bfloat16
+  logits_BC, _ = FinetuneModel(analysed, num_classes=2, pooling='pooler').apply({'params': params}, ids, None,
+                                                                                np.ones_like(ids))
+  assert saved['objective'] == 'class logit' and saved['target'] == 1 and saved['target_name'] == 'class 1'
+  assert saved['prediction'] == int(np.argmax(logits_BC[0]))
+  np.testing.assert_allclose(saved['target_score'], logits_BC[0, 1], rtol=1e-5, atol=1e-5)
+  assert all(len(saved['scores'][m]) == ids.shape[1] for m in ('grad_x_input', 'integrated_gradients', 'occlusion'))
+  # A wrong target or label is refused before anything is compiled.
   with pytest.raises(ValueError, match='out of range'):
-    pipeline.interpret(model, 'good film', str(tmp_path), ['grad_x_input'], label=3)
-  with pytest.raises(ValueError, match='--label'):
-    pipeline.interpret(model, 'good film', str(tmp_path), ['grad_x_input'], target='a')
+    pipeline.interpret(model, 'ham', str(tmp_path), ['grad_x_input'], label=2)
+  with pytest.raises(ValueError, match='--label=N instead of --target'):
+    pipeline.interpret(model, 'ham', str(tmp_path), ['grad_x_input'], target='a')

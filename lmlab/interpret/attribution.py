@@ -1,7 +1,7 @@
 """Per-token attribution of a scalar target to the input embeddings: gradient x input, integrated gradients
-(every alpha in one vmapped, jitted call; Riemann midpoints or Gauss-Legendre nodes) and occlusion.
+(Riemann midpoints or Gauss-Legendre nodes) and occlusion, all of them in one jitted call (`attribute`).
 
-The generic functions take f: embeddings [L, D] -> scalar, so they apply to any model; `embedding_objective`
+`attribute` takes f: embeddings [L, D] -> scalar, so it applies to any model; `embedding_objective`
 builds f for an lmlab model by patching the `embeddings` site (lmlab.interpret.capture), so positions, token
 types and every layer stay exactly the model's. Scores per token are sums over D.
 Baselines: the pad token's embedding (the default in experiments.interpret) or zeros; from zeros the path starts
@@ -16,6 +16,7 @@ import numpy as np
 from lmlab.interpret import capture as capture_lib
 from lmlab.models import ModelConfig
 
+METHODS = ('grad_x_input', 'integrated_gradients', 'occlusion')
 RULES = ('riemann', 'gauss_legendre')
 BASELINES = ('zero', 'pad')
 
@@ -32,28 +33,43 @@ def quadrature(steps: int, rule: str):
   raise ValueError(f'integration rule {rule!r} is not one of {", ".join(RULES)}')
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def gradient_x_input(f, x_LD):
-  """grad f(x) * x, summed per token: [L]."""
-  return jnp.sum(jax.grad(f)(x_LD) * x_LD, axis=-1)
+def attribute(f, x_LD, baseline_LD, methods=METHODS, steps: int = 64, rule: str = 'gauss_legendre') -> dict:
+  """{method: per-token scores [L]} for `methods` (and 'ig_completeness_gap' with integrated gradients).
+
+  grad_x_input: grad f(x) * x. integrated_gradients: (x - baseline) * the quadrature of grad f along the straight
+  path, with its gap |sum(attributions) - (f(x) - f(baseline))|. occlusion: f(x) - f(x with token l's embedding
+  replaced by the baseline's). One compiled call for all of them: x, the baseline and every path point go through
+  one vmapped value_and_grad, the occluded inputs through one vmapped f.
+  """
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown or not methods:
+    raise ValueError(f'attribution methods {unknown or "(none given)"} are not among {", ".join(METHODS)}')
+  quadrature(steps, rule)  # a bad steps or rule fails here, in one line, not inside the trace
+  return _attribute(f, x_LD, baseline_LD, tuple(m for m in METHODS if m in methods), steps, rule)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def integrated_gradients(f, x_LD, baseline_LD, steps: int = 64, rule: str = 'gauss_legendre'):
-  """(per-token attributions [L], completeness gap |sum(attributions) - (f(x) - f(baseline))|)."""
-  alphas_S, weights_S = (jnp.asarray(a, jnp.float32) for a in quadrature(steps, rule))
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _attribute(f, x_LD, baseline_LD, methods, steps, rule):
+  out = {}
   delta_LD = x_LD - baseline_LD
-  grads_SLD = jax.vmap(jax.grad(f))(baseline_LD[None] + alphas_S[:, None, None] * delta_LD[None])
-  attributions_L = jnp.sum(delta_LD * jnp.tensordot(weights_S, grads_SLD, axes=1), axis=-1)
-  return attributions_L, jnp.abs(jnp.sum(attributions_L) - (f(x_LD) - f(baseline_LD)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def occlusion(f, x_LD, baseline_LD):
-  """f(x) - f(x with token l's embedding replaced by the baseline's), for every l at once: [L]."""
-  L = x_LD.shape[0]
-  occluded_LLD = jnp.where(jnp.eye(L, dtype=bool)[:, :, None], baseline_LD[None], x_LD[None])
-  return f(x_LD) - jax.vmap(f)(occluded_LLD)
+  if 'grad_x_input' in methods or 'integrated_gradients' in methods:
+    ig = 'integrated_gradients' in methods
+    alphas_S, weights_S = (jnp.asarray(a, jnp.float32) for a in quadrature(steps if ig else 1, rule))
+    path_SLD = baseline_LD[None] + alphas_S[:, None, None] * delta_LD[None]
+    points_NLD = jnp.concatenate([x_LD[None], baseline_LD[None], path_SLD] if ig else [x_LD[None]])
+    values_N, grads_NLD = jax.vmap(jax.value_and_grad(f))(points_NLD)
+    if 'grad_x_input' in methods:
+      out['grad_x_input'] = jnp.sum(grads_NLD[0] * x_LD, axis=-1)
+    if ig:
+      attributions_L = jnp.sum(delta_LD * jnp.tensordot(weights_S, grads_NLD[2:], axes=1), axis=-1)
+      out['integrated_gradients'] = attributions_L
+      out['ig_completeness_gap'] = jnp.abs(jnp.sum(attributions_L) - (values_N[0] - values_N[1]))
+  if 'occlusion' in methods:
+    L = x_LD.shape[0]
+    occluded_LLD = jnp.where(jnp.eye(L, dtype=bool)[:, :, None], baseline_LD[None], x_LD[None])
+    values_N = jax.vmap(f)(jnp.concatenate([x_LD[None], occluded_LLD]))  # f(x) in the same batch: exact zeros
+    out['occlusion'] = values_N[0] - values_N[1:]
+  return out
 
 
 def embedding_objective(config: ModelConfig, variables: dict, tokens_L, score, segment_ids_L=None,

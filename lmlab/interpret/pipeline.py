@@ -58,22 +58,16 @@ def class_logits(config, head, captured: dict, mask_BL):
   return module.apply({'params': head_params}, hidden_BLD, mask_BL)
 
 
-def objective(config, params, captured, position: int, target: str | None, label: int | None, tokenizer):
-  """(score(capture) -> scalar, target id, prediction id, kind): a classifier's class logit (default: its prediction)
-  or the log-probability of the next token after `position` (default: the model's prediction)."""
-  head = classifier_head(config, params)
+def objective(config, head, captured, position: int, target: str | None, label: int | None, tokenizer):
+  """(score(capture) -> scalar, target id, prediction id, kind): a classifier's class logit (`head` from
+  classifier_head; default: its prediction) or the log-probability of the next token after `position` (default: the
+  model's prediction). `_check` has refused a target or label that does not fit the model."""
   if head is not None:
-    if target is not None:
-      raise ValueError('this model is a classifier: pass --label=N instead of --target')
     mask_1L = jnp.ones(captured['logits'].shape[:2], bool)
     score_of = lambda c, k: class_logits(config, head, c, mask_1L)[0, k]
     prediction = int(np.argmax(class_logits(config, head, captured, mask_1L)[0]))
     chosen = prediction if label is None else label
-    if not 0 <= chosen < head[0].num_classes:
-      raise ValueError(f'--label={label} is out of range: the classifier has {head[0].num_classes} classes')
     return (lambda c: score_of(c, chosen)), chosen, prediction, 'class logit'
-  if label is not None:
-    raise ValueError('--label is for classifiers; this model predicts tokens: pass --target=TOKEN')
   prediction = int(np.argmax(captured['logits'][0, position]))
   chosen = prediction if target is None else _token_id(tokenizer, target)
   score = lambda c: jax.nn.log_softmax(c['logits'][0, position].astype(jnp.float32))[chosen]
@@ -88,8 +82,16 @@ def token_text(tokenizer, i: int) -> str:
   return text or (inner.id_to_token(i) or '' if hasattr(inner, 'id_to_token') else '')
 
 
-def _check(methods: list[str], config, classifier: bool, corrupt_text: str | None) -> None:
-  """Refuses a method this model or input cannot run, before the slow work."""
+def _check(methods: list[str], config, head, corrupt_text: str | None, target: str | None,
+           label: int | None) -> None:
+  """Refuses a method, target or label this model or input cannot take, before the slow work."""
+  classifier = head is not None
+  if classifier and target is not None:
+    raise ValueError('this model is a classifier: pass --label=N instead of --target')
+  if classifier and label is not None and not 0 <= label < head[0].num_classes:
+    raise ValueError(f'--label={label} is out of range: the classifier has {head[0].num_classes} classes')
+  if not classifier and label is not None:
+    raise ValueError('--label is for classifiers; this model predicts tokens: pass --target=TOKEN')
   if 'routing' in methods and not config.is_moe:
     raise ValueError('--methods=routing needs a Mixture-of-Experts model; this one is dense')
   if 'logit_lens' in methods and classifier:
@@ -117,10 +119,11 @@ def interpret(model, text: str, output_dir: str, methods: list[str], corrupt_tex
     raise ValueError('--text encodes to no tokens')
   tokens = [token_text(tokenizer, i) for i in ids]
   position = len(ids) - 1
+  head = classifier_head(config, params)
+  _check(methods, config, head, corrupt_text, target, label)
+  classifier = head is not None
   captured = capture.capture(config, variables, np.asarray([ids]))
-  score, target_id, prediction, kind = objective(config, params, captured, position, target, label, tokenizer)
-  classifier = kind == 'class logit'
-  _check(methods, config, classifier, corrupt_text)
+  score, target_id, prediction, kind = objective(config, head, captured, position, target, label, tokenizer)
   name = (lambda i: f'class {i}') if classifier else (lambda i: token_text(tokenizer, i))
   os.makedirs(output_dir, exist_ok=True)
   out = lambda file: os.path.join(output_dir, file)
@@ -134,6 +137,13 @@ def interpret(model, text: str, output_dir: str, methods: list[str], corrupt_tex
   f = attribution.embedding_objective(config, variables, ids, score)
   x_LD = attribution.token_embeddings(config, params, ids)
   base_LD = attribution.baseline(config, params, ids, baseline, getattr(tokenizer, 'pad_id', None))
+  chosen = [m for m in methods if m in attribution.METHODS]
+  if chosen:
+    scores = attribution.attribute(f, x_LD, base_LD, chosen, ig_steps, ig_rule)
+    result['scores'].update({m: np.asarray(scores[m]).tolist() for m in chosen})
+    if 'integrated_gradients' in chosen:
+      result.update(ig_completeness_gap=float(scores['ig_completeness_gap']), ig_steps=ig_steps, ig_rule=ig_rule,
+                    ig_baseline=baseline)
   for method in methods:
     if method == 'attention':
       paths = attention_views.head_pngs(attention_XHLL, tokens, output_dir)
@@ -143,14 +153,6 @@ def interpret(model, text: str, output_dir: str, methods: list[str], corrupt_tex
       result['scores']['rollout'] = rollout_LL[position].tolist()
       images.append(('attention rollout', attention_views.heatmap_png(rollout_LL, tokens, 'attention rollout',
                                                                       out('rollout.png'))))
-    elif method == 'grad_x_input':
-      result['scores']['grad_x_input'] = np.asarray(attribution.gradient_x_input(f, x_LD)).tolist()
-    elif method == 'integrated_gradients':
-      attributions_L, gap = attribution.integrated_gradients(f, x_LD, base_LD, ig_steps, ig_rule)
-      result['scores']['integrated_gradients'] = np.asarray(attributions_L).tolist()
-      result.update(ig_completeness_gap=float(gap), ig_steps=ig_steps, ig_rule=ig_rule, ig_baseline=baseline)
-    elif method == 'occlusion':
-      result['scores']['occlusion'] = np.asarray(attribution.occlusion(f, x_LD, base_LD)).tolist()
     elif method == 'logit_lens':
       result['logit_lens'] = lens.logit_lens(config, params, captured, position, target_id)
       for row in result['logit_lens']:
