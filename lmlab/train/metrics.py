@@ -1,6 +1,7 @@
 """Metric rows to metrics.jsonl and TensorBoard, and the plots a researcher looks at first."""
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -20,6 +21,23 @@ def flatten(metrics: dict) -> dict:
   return flat
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch unless torch is already loaded.
+
+  tensorboardX imports torch (1.3-1.9 s per process here) only to accept torch tensors, which lmlab never logs;
+  a None in sys.modules makes that optional import fail fast, and removing it leaves torch importable afterwards.
+  """
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Appends JSON rows and TensorBoard scalars; only process 0 writes."""
 
@@ -30,8 +48,7 @@ class MetricsWriter:
     self.tb = self._tensorboard() if enabled else None
 
   def _tensorboard(self, purge_step: int | None = None):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    return SummaryWriter(self.tb_dir, purge_step=purge_step)
+    return _summary_writer()(self.tb_dir, purge_step=purge_step)
 
   def truncate_after(self, step: int) -> int:
     """Forgets rows past `step` (a resumed run rewrites them) in metrics.jsonl and TensorBoard; returns how many.
