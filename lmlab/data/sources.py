@@ -157,6 +157,18 @@ class FilesSource:
     return ''
 
 
+def jsonl_rows(path: str, keep=lambda number: True):
+  """(line number, row) of every non-blank line of a .jsonl file that `keep(number)` selects; a line that is not
+  JSON is a one-line error naming path:line (task, feedback and fine-tuning files share this reader)."""
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, 1):
+      if line.strip() and keep(number):
+        try:
+          yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+          raise ValueError(f'{path}:{number}: malformed JSON ({error.msg}); write one JSON object per line') from None
+
+
 def _file_kind(path: str) -> str:
   if path.endswith('.txt'):
     return 'txt'

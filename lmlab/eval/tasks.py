@@ -18,7 +18,6 @@ models with different tokenizers slice alike). Samples are one row per example (
 """
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import re
@@ -26,6 +25,7 @@ import re
 import numpy as np
 
 from lmlab import generate as generate_lib
+from lmlab.data import sources
 from lmlab.eval import answers, choice_metrics, scoring, stats
 
 KINDS = ('mc', 'gen', 'ppl')
@@ -75,18 +75,11 @@ def read_rows(spec: TaskSpec) -> list[dict]:
   if not os.path.isfile(spec.path):
     raise ValueError(f'task file {spec.path} does not exist; pass {spec.kind}:PATH to an existing JSONL file')
   rows = []
-  with open(spec.path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f'{spec.path}:{line_no}'
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: malformed JSON ({e.msg}); write one JSON object per line') from None
-      if not isinstance(row, dict):
-        raise ValueError(f'{where}: a row must be a JSON object, got {type(row).__name__}')
-      rows.append({**_CHECKS[spec.kind](row, where), 'line': line_no})
+  for line_no, row in sources.jsonl_rows(spec.path):
+    where = f'{spec.path}:{line_no}'
+    if not isinstance(row, dict):
+      raise ValueError(f'{where}: a row must be a JSON object, got {type(row).__name__}')
+    rows.append({**_CHECKS[spec.kind](row, where), 'line': line_no})
   if not rows:
     raise ValueError(f'task file {spec.path} has no rows; write one JSON object per line')
   return rows

@@ -15,7 +15,6 @@ rows); padding rows and tokens carry weight 0.
 import ast
 import functools
 import glob
-import json
 import os
 
 import jax
@@ -99,14 +98,10 @@ def jsonl_records(pattern: str, split: str, validation_fraction: float, with_loc
     raise ValueError(f'finetune.dataset files:{pattern} matched no files for split {split!r}; check the glob')
   records = []
   for path in paths:
-    with open(path, encoding='utf-8') as f:
-      for number, line in enumerate(f, 1):
-        if line.strip() and (by_split or _split_of(f'{os.path.basename(path)}:{number}', split, validation_fraction)):
-          try:
-            record = json.loads(line)
-          except ValueError as error:
-            raise ValueError(f'{path}:{number}: malformed JSON ({error}); fix the record') from error
-          records.append((record, f'{path}:{number}') if with_location else record)
+    keep = lambda number, path=path: by_split or _split_of(f'{os.path.basename(path)}:{number}', split,
+                                                            validation_fraction)
+    for number, record in sources.jsonl_rows(path, keep):
+      records.append((record, f'{path}:{number}') if with_location else record)
   return records
 
 

@@ -14,9 +14,9 @@ import collections
 import dataclasses
 import datetime
 import glob
-import json
 import os
 
+from lmlab.data import sources
 from lmlab.improve import records
 
 KINDS = ('rating', 'preference', 'correction')
@@ -78,17 +78,10 @@ def read(directory: str) -> list[tuple[str, dict, str]]:
   """(kind, row, 'FILE:LINE') of every row of DIRECTORY/*.jsonl, files in name order."""
   out = []
   for path in sorted(glob.glob(os.path.join(directory, '*.jsonl'))):
-    with open(path, encoding='utf-8') as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f'{path}:{number}'
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f'{where}: malformed JSON ({e.msg}); write one JSON object per line') from None
-        kind, row = check(row, where)
-        out.append((kind, row, where))
+    for number, row in sources.jsonl_rows(path):
+      where = f'{path}:{number}'
+      kind, row = check(row, where)
+      out.append((kind, row, where))
   return out
 
 
