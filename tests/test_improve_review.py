@@ -36,14 +36,15 @@ def test_each_action_appends_one_row_that_feedback_loading_accepts(workdir):
                                         'annotator': 'ann'}).status_code == 302
   assert client.post('/feedback', data={'kind': 'preference', 'sample_ids': ['2:0:0', '2:0:1'],
                                         'preferred': '2:0:0', 'annotator': 'bob'}).status_code == 302
-  assert client.post('/feedback', data={'kind': 'correction', 'sample_id': '2:0:1', 'corrected_text': '46',
+  # A browser sends a textarea's line breaks as CRLF; the row keeps the sample's LF.
+  assert client.post('/feedback', data={'kind': 'correction', 'sample_id': '2:0:1', 'corrected_text': '4\r\n6',
                                         'annotator': 'ann'}).status_code == 302
   rows = _rows(workdir)
   assert [(r.get('rating'), r.get('preferred'), r.get('corrected_text')) for r in rows] == \
-      [(2, None, None), (None, '2:0:0', None), (None, None, '46')]
+      [(2, None, None), (None, '2:0:0', None), (None, None, '4\n6')]
   fb = feedback.load(os.path.join(workdir, 'feedback'))
   assert fb.ratings == {'2:0:1': {'ann': 2}} and fb.preferences == {('2:0:0', '2:0:1'): '2:0:0'}
-  assert fb.corrections == {'2:0:1': '46'}
+  assert fb.corrections == {'2:0:1': '4\n6'}
   bad = client.post('/feedback', data={'kind': 'rating', 'sample_id': '2:0:1', 'rating': '9', 'annotator': 'ann'})
   assert bad.status_code == 400 and 'integer from 1 to 5' in bad.get_data(as_text=True)
   unknown = client.post('/feedback', data={'kind': 'rating', 'sample_id': '1:0:0', 'rating': '3', 'annotator': 'a'})
@@ -61,3 +62,8 @@ def test_a_token_is_checked_on_every_request(workdir):
   assert client.post('/feedback', data={'kind': 'rating', 'sample_id': '2:0:0', 'rating': '5', 'annotator': 'ann',
                                         'token': 's3cret'}).status_code == 302
   assert len(_rows(workdir)) == 1
+
+
+def test_serving_off_the_local_host_needs_a_token(workdir):
+  with pytest.raises(ValueError, match='pass --token=SECRET'):
+    review.server(workdir, host='0.0.0.0', port=0)

@@ -13,6 +13,8 @@ from lmlab.improve import feedback, records
 
 LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 
+# Forms post without JavaScript. A correction is edited in a <textarea>, since an <input> strips newlines; HTML drops
+# one newline right after <pre> and <textarea>, so each starts with one and a sample's own leading newline survives.
 PAGE = '''<!doctype html>
 <html><head><meta charset="utf-8"><title>Review: iteration {{ iteration }}</title>
 <style>body{font-family:sans-serif;max-width:60em;margin:1em auto} .prompt{border:1px solid #ccc;padding:.5em;
@@ -23,14 +25,16 @@ margin:.5em 0} pre{background:#f4f4f4;padding:.3em;white-space:pre-wrap} form{di
 {% for prompt_id, samples in groups %}
 <div class="prompt" id="prompt-{{ prompt_id }}"><h3>{{ samples[0].question }}</h3>
 {% for s in samples %}
-<div class="sample" id="sample-{{ s.sample_id }}"><pre class="text">{{ s.text }}</pre>
+<div class="sample" id="sample-{{ s.sample_id }}"><pre class="text">
+{{ s.text }}</pre>
 reward {{ '%.2f'|format(rewards.get(s.sample_id, 0)) }}
 <form method="post" action="{{ url_for('feedback_row') }}">{{ hidden() }}
 <input type="hidden" name="kind" value="rating"><input type="hidden" name="sample_id" value="{{ s.sample_id }}">
 {% for r in range(1, 6) %}<button name="rating" value="{{ r }}">{{ r }}</button>{% endfor %}</form>
 <form method="post" action="{{ url_for('feedback_row') }}">{{ hidden() }}
 <input type="hidden" name="kind" value="correction"><input type="hidden" name="sample_id" value="{{ s.sample_id }}">
-<input name="corrected_text" value="{{ s.text }}"><button>correct</button></form></div>
+<textarea name="corrected_text" rows="3" cols="60">
+{{ s.text }}</textarea><button>correct</button></form></div>
 {% endfor %}
 {% if samples|length > 1 %}
 <form method="post" action="{{ url_for('feedback_row') }}">{{ hidden() }}
@@ -101,7 +105,9 @@ def create_app(workdir: str, token: str = ''):
     elif kind == 'preference':
       row.update(sample_ids=form.getlist('sample_ids'), preferred=form.get('preferred'))
     elif kind == 'correction':
-      row.update(sample_id=form.get('sample_id', ''), corrected_text=form.get('corrected_text', ''))
+      # Browsers send a textarea's line breaks as CRLF (the HTML form encoding); the sample's own are LF.
+      row.update(sample_id=form.get('sample_id', ''),
+                 corrected_text=form.get('corrected_text', '').replace('\r\n', '\n'))
     else:
       return flask.Response('kind must be rating, preference or correction\n', 400, mimetype='text/plain')
     ids = row.get('sample_ids') or [row.get('sample_id')]
@@ -117,3 +123,11 @@ def create_app(workdir: str, token: str = ''):
     return flask.redirect(flask.url_for('page', **query))
 
   return app
+
+
+def server(workdir: str, host: str = '127.0.0.1', port: int = 8765, token: str = ''):
+  """A threaded werkzeug server of create_app (`serve_forever()` runs it; port 0 takes a free one, see `.port`)."""
+  from werkzeug import serving  # pylint: disable=g-import-not-at-top  (Flask's own server)
+  if host not in LOCAL_HOSTS and not token:
+    raise ValueError(f'--host={host} is reachable by others: pass --token=SECRET (checked on every request)')
+  return serving.make_server(host, port, create_app(workdir, token), threaded=True)
