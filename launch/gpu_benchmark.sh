@@ -38,6 +38,7 @@ if [ "${MOE_ONLY:-0}" = 1 ]; then  # the short MoE re-check: dropless paths, exp
   lmlab moe_8x2
   lmlab moe_32x4
   peer moe-8x2 moe-32x4
+  lmlab moe_8x2 --config.model.moe.dispatch=capacity --config.model.moe.capacity_impl=gather
   for experts in 8 32 64; do
     lmlab moe_8x2 --config.model.num_layers=4 --config.model.moe.num_experts=$experts
   done
@@ -52,6 +53,7 @@ lmlab moe_8x2
 lmlab moe_32x4
 peer moe-8x2 moe-32x4
 lmlab moe_8x2 --config.model.moe.dispatch=capacity
+lmlab moe_8x2 --config.model.moe.dispatch=capacity --config.model.moe.capacity_impl=gather
 for experts in 8 16 32 64; do  # fixed top-2 and expert width: active parameters stay the same
   lmlab moe_8x2 --config.model.num_layers=4 --config.model.moe.num_experts=$experts
 done

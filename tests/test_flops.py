@@ -1,4 +1,5 @@
 """FLOPs per token: the DESIGN.md formula, checked by hand and against the real parameter tree."""
+import json
 import math
 
 import jax
@@ -55,3 +56,13 @@ def test_moe_flops_count_only_the_experts_that_run():
   measured = 2 * (2 * attention + dense_mlp + routed * 0.45 + shared + router) + head
   assert flops.active_matmul_params(c, 0.45) == pytest.approx(measured)
   assert flops.flops_per_token(c, 32, 0.45) == pytest.approx(6 * measured + 6 * 4 * 32 * 8)
+
+
+def test_measured_share_from_a_float32_load_is_a_json_number():
+  """experiments.benchmark passes the device's float32 `moe/load` and writes the FLOPs as JSON."""
+  c = model_config_from_dict({'moe': {'num_experts': 3, 'zero_experts': 1}})
+  load_XN = np.array([[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.125, 0.125]], np.float32)
+  share = flops.computing_share(c, load_XN)
+  assert share == 0.8125  # (0.75 + 0.875) / 2
+  record = json.loads(json.dumps({'share': share, 'flops_per_token': flops.flops_per_token(c, 16, share)}))
+  assert record['share'] == 0.8125

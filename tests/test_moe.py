@@ -130,11 +130,12 @@ def test_dropless_is_block_matmuls_with_no_all_experts_intermediate():
   assert max(sizes) < E * A * min(D, F) // 2, max(sizes)
 
 
-def test_capacity_drops_exactly_the_overflowing_token():
+@pytest.mark.parametrize('impl', moe.CAPACITY_IMPLS)
+def test_capacity_drops_exactly_the_overflowing_token(impl):
   # Router = identity on 2 features: tokens 0, 1, 2 pick expert 0, token 3 picks expert 1.
   # C = ceil(1.0 * k=1 * T=4 / E=2) = 2, so token 2 (expert 0's third) is dropped: zero expert output.
   c = ModelConfig(d_model=2, num_heads=1, num_kv_heads=1, ffn_dim=4, compute_dtype='float32',
-                  moe=MoeConfig(num_experts=2, top_k=1, dispatch='capacity', capacity_factor=1.0))
+                  moe=MoeConfig(num_experts=2, top_k=1, dispatch='capacity', capacity_factor=1.0, capacity_impl=impl))
   x_BLD = jnp.array([[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [0.0, 1.0]]])
   segment_ids_BL = jnp.ones((1, 4), jnp.int32)
   variables = init_params(c, x_BLD, segment_ids_BL)

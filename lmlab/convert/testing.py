@@ -48,7 +48,8 @@ def same_config(a: ModelConfig, b: ModelConfig) -> bool:
   keep = lambda c: dataclasses.replace(c, compute_dtype='float32', param_dtype='float32', remat='none',
                                        attention='auto', dropout=0.0,
                                        moe=dataclasses.replace(c.moe, dispatch='reference', aux_loss_weight=0.0,
-                                                               z_loss_weight=0.0, capacity_factor=1.0))
+                                                               z_loss_weight=0.0, capacity_factor=1.0,
+                                                               capacity_impl='einsum'))
   return keep(a) == keep(b)
 
 

@@ -16,6 +16,7 @@ class MoeConfig:
   renormalize: bool = True         # softmax router: renormalise the top-k weights
   dispatch: str = 'dropless'       # capacity | dropless | reference
   capacity_factor: float = 1.25
+  capacity_impl: str = 'einsum'    # capacity dispatch: einsum (GShard one-hot matmuls) | gather (row moves, same result)
   expert_ffn_dim: int = 0          # 0: same as the dense ffn_dim
   every: int = 1                   # MoE in every n-th layer (the last of each group of n)
   shared_experts: int = 0

@@ -22,7 +22,7 @@ def computing_share(c: ModelConfig, load_XN=None) -> float:
   m = c.moe
   if load_XN is None:
     return m.num_experts / (m.num_experts + m.zero_experts)
-  rows = [list(row) for row in load_XN]
+  rows = [[float(v) for v in row] for row in load_XN]  # Python floats: JSON has no numpy float32
   return sum(sum(row[:m.num_experts]) for row in rows) / len(rows)
 
 
