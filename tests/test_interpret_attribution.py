@@ -1,12 +1,12 @@
 """Gradient x input, integrated gradients and occlusion (one compiled call): exact on linear functions, consistent
-on a tiny model."""
+on a tiny model, and a padded batch of inputs equal to each input alone."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lmlab.convert import testing
-from lmlab.interpret import attribution, capture
+from lmlab.interpret import attribution, capture, objective
 
 TOKENS = [5, 17, 3, 40, 8, 21, 9, 2]
 
@@ -96,3 +96,29 @@ def test_occlusion_is_leave_one_token_out(llama, from_pad):
     np.testing.assert_allclose(got['occlusion'][l], f(x_LD) - f(x_LD.at[l].set(base_LD[l])), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match='pad token'):
     attribution.baseline(config, variables['params'], TOKENS, 'pad')
+
+
+def test_a_padded_batch_in_rounds_equals_each_input_alone(llama, from_pad, capsys):
+  config, variables, _, f, x_LD, target = llama
+  short = TOKENS[:5]
+  score = lambda captured: jax.nn.log_softmax(captured['logits'][0, -1])[target]  # as the fixture's f
+  f_short = attribution.embedding_objective(config, variables, short, score)
+  x_short = attribution.token_embeddings(config, variables['params'], short)
+  base_short = attribution.baseline(config, variables['params'], short, 'pad', pad_id=0)
+  want_short = attribution.attribute(f_short, x_short, base_short, attribution.METHODS, 2)
+  # Three inputs, two per round: the second round is the short input and a filler copy of it.
+  rows = [short, TOKENS, short]
+  tokens_BL = np.array([r + [0] * (8 - len(r)) for r in rows])
+  real_BL = (np.arange(8) < np.array([5, 8, 5])[:, None]).astype(np.int32)
+  got = attribution.attribute_inputs(
+      config, variables, objective.Objective(config), {}, tokens_BL, real_BL, [4, 7, 4],
+      [target] * 3, attribution.token_embeddings(config, variables['params'], tokens_BL),
+      attribution.baseline(config, variables['params'], tokens_BL, 'pad', pad_id=0), attribution.METHODS, 2,
+      inputs_per_round=2, progress=True)
+  assert capsys.readouterr().out.splitlines() == ['attribution: inputs 1-2 of 3 done',
+                                                  'attribution: inputs 3-3 of 3 done']
+  for b, want in ((0, want_short), (1, from_pad[1]), (2, want_short)):
+    L = len(rows[b])
+    for method in attribution.METHODS:
+      np.testing.assert_allclose(got[method][b, :L], want[method], rtol=1e-5, atol=1e-5, err_msg=f'{b} {method}')
+    np.testing.assert_allclose(got['ig_completeness_gap'][b], want['ig_completeness_gap'], rtol=1e-4, atol=1e-6)

@@ -49,10 +49,10 @@ def heatmap_png(matrix_YX, tokens: list[str], title: str, path: str, rows: list[
   return path
 
 
-def head_pngs(weights_XHLL, tokens: list[str], output_dir: str) -> list[str]:
-  """One heatmap per layer and head: attention_layer{i}_head{h}.png."""
+def head_pngs(weights_XHLL, tokens: list[str], output_dir: str, prefix: str = '') -> list[str]:
+  """One heatmap per layer and head: {prefix}attention_layer{i}_head{h}.png."""
   return [heatmap_png(weights_XHLL[i, h], tokens, f'layer {i} head {h}',
-                      os.path.join(output_dir, f'attention_layer{i}_head{h}.png'))
+                      os.path.join(output_dir, f'{prefix}attention_layer{i}_head{h}.png'))
           for i in range(weights_XHLL.shape[0]) for h in range(weights_XHLL.shape[1])]
 
 

@@ -44,18 +44,30 @@ def logit_lens(config: ModelConfig, params: dict, captured: dict, position: int,
 
   The last row reads the final residual through the model's own head, so it is the model's prediction.
   """
+  return logit_lens_rows(config, params, captured, [row], [position], [target], top_k)[0]
+
+
+def logit_lens_rows(config: ModelConfig, params: dict, captured: dict, rows, positions, targets=None,
+                    top_k: int = 5) -> list[list[dict]]:
+  """logit_lens of several batch rows (each at its own position, with its own target or None), one unembed call."""
   layers = lens_layers(config)
-  hidden_XD = jnp.stack([jnp.asarray(captured[name][row, position]) for _, name in layers])
-  logits_XV = np.asarray(unembed(config, params, hidden_XD))
-  rows = []
-  for (label, name), logits_V in zip(layers, logits_XV):
-    logprobs_V = np.asarray(jax.nn.log_softmax(logits_V))
-    top = np.argsort(-logits_V, kind='stable')[:top_k]
-    entry = {'layer': label, 'site': name, 'top_ids': top.tolist(), 'top_probs': np.exp(logprobs_V[top]).tolist()}
-    if target is not None:
-      entry.update(target_rank=int(np.sum(logits_V > logits_V[target])), target_logprob=float(logprobs_V[target]))
-    rows.append(entry)
-  return rows
+  targets = [None] * len(rows) if targets is None else targets
+  at = (np.asarray(rows), np.asarray(positions))
+  hidden_RXD = jnp.stack([jnp.asarray(captured[name])[at] for _, name in layers], axis=1)
+  logits_RXV = np.asarray(unembed(config, params, hidden_RXD.reshape(-1, hidden_RXD.shape[-1]))).reshape(
+      len(rows), len(layers), -1)
+  out = []
+  for logits_XV, target in zip(logits_RXV, targets):
+    entries = []
+    for (label, name), logits_V in zip(layers, logits_XV):
+      logprobs_V = np.asarray(jax.nn.log_softmax(logits_V))
+      top = np.argsort(-logits_V, kind='stable')[:top_k]
+      entry = {'layer': label, 'site': name, 'top_ids': top.tolist(), 'top_probs': np.exp(logprobs_V[top]).tolist()}
+      if target is not None:
+        entry.update(target_rank=int(np.sum(logits_V > logits_V[target])), target_logprob=float(logprobs_V[target]))
+      entries.append(entry)
+    out.append(entries)
+  return out
 
 
 def _unembedding_row(config: ModelConfig, params: dict, target: int):
@@ -68,20 +80,35 @@ def direct_logit_attribution(config: ModelConfig, params: dict, captured: dict, 
                              row: int = 0) -> dict:
   """{'logit', 'total', 'embeddings', 'attention' [layers], 'heads' [layers, H], 'attention_bias' [layers],
   'mlp' [layers], 'final_norm_bias'}: contributions to the target logit at `position` (module docstring)."""
+  return direct_logit_attribution_rows(config, params, captured, [row], [position], [target])[0]
+
+
+def direct_logit_attribution_rows(config: ModelConfig, params: dict, captured: dict, rows, positions,
+                                  targets) -> list[dict]:
+  """direct_logit_attribution of several batch rows (each at its own position and target), one compiled call."""
   if config.post_norm:
     raise ValueError('direct logit attribution needs a pre-norm model; post-norm encoders normalise inside every '
                      'block, so the residual stream is not a sum of layer outputs')
   names = ['logits', 'layers/0/residual_in'] + [f'layers/{i}/{s}' for i in range(config.num_layers)
                                                 for s in ('attention/heads', 'mlp/output', 'residual_out')]
-  parts = _dla(config, params, {n: captured[n][row, position] for n in names}, target)
-  parts = {k: np.asarray(v) for k, v in parts.items()}
-  total = float(parts['embeddings'] + parts['heads'].sum() + parts['attention_bias'].sum() + parts['mlp'].sum()
-                + parts['final_norm_bias'])
-  return {**{k: float(v) if v.ndim == 0 else v for k, v in parts.items()}, 'total': total,
-          'attention': parts['heads'].sum(1) + parts['attention_bias']}
+  at = (np.asarray(rows), np.asarray(positions))
+  parts = _dla_rows(config, params, {n: jnp.asarray(captured[n])[at] for n in names},
+                    jnp.asarray(targets, jnp.int32))
+  out = []
+  for r in range(len(rows)):
+    row = {k: np.asarray(v[r]) for k, v in parts.items()}
+    total = float(row['embeddings'] + row['heads'].sum() + row['attention_bias'].sum() + row['mlp'].sum()
+                  + row['final_norm_bias'])
+    out.append({**{k: float(v) if v.ndim == 0 else v for k, v in row.items()}, 'total': total,
+                'attention': row['heads'].sum(1) + row['attention_bias']})
+  return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _dla_rows(config: ModelConfig, params: dict, at: dict, targets_R):
+  return jax.vmap(functools.partial(_dla, config, params))(at, targets_R)
+
+
 def _dla(config: ModelConfig, params: dict, at: dict, target):
   """The contributions from one position's sites (`at`: site name -> [...] without batch and length)."""
   f32 = lambda x: jnp.asarray(x, jnp.float32)
