@@ -10,7 +10,8 @@ from lmlab.train import metrics as metrics_lib
 
 SUMMARY_METRICS = ('eval_loss', 'eval_perplexity', 'eval_bits_per_byte', 'eval_accuracy', 'final_train_loss')
 LAST_ROW_METRICS = ('moe/dropped_fraction', 'moe/z_loss', 'moe/aux_loss')  # MoE runs: from the last train row
-TABLE_METRICS = ('eval_loss', 'eval_bits_per_byte', 'moe/dropped_fraction', 'tokens_per_s', 'wall_time_s')
+TABLE_METRICS = ('eval_loss', 'eval_bits_per_byte', 'moe/dropped_fraction', 'moe/z_loss', 'moe/aux_loss',
+                 'tokens_per_s', 'wall_time_s')
 LOG_TAIL_LINES = 15
 
 
@@ -127,7 +128,7 @@ def plot(meta: dict, rows: list[dict], root: str, plot_dir: str) -> list[str]:
   os.makedirs(plot_dir, exist_ok=True)
   keys, written = meta['keys'], []
   finished = [r for r in rows if r['status'] == 'finished']
-  metrics = [m for m in ('eval_loss', 'moe/dropped_fraction') if any(r.get(m) is not None for r in finished)]
+  metrics = [m for m in ('eval_loss', 'moe/dropped_fraction', 'moe/z_loss') if any(r.get(m) is not None for r in finished)]
   for key in keys:
     others = [k for k in keys if k != key]
     values = list(dict.fromkeys(r[key] for r in finished))
