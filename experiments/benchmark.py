@@ -65,7 +65,8 @@ def main(argv):
       'flops_per_token': flops_per_token,
       'mfu': round(tokens_per_s * flops_per_token / (peak * 1e12 * jax.device_count()), 4) if peak else None,
       'peak_tflops': peak, 'loss': round(loss, 4), 'attention': config.model.attention,
-      'compute_dtype': config.model.compute_dtype, 'remat': config.model.remat}), flush=True)
+      'compute_dtype': config.model.compute_dtype, 'remat': config.model.remat,
+      'loss_vocab_chunk': config.model.loss_vocab_chunk}), flush=True)
 
 
 if __name__ == '__main__':

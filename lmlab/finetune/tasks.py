@@ -27,7 +27,7 @@ from lmlab.train import losses, task as task_lib
 
 HEAD_KEYS = ('pooler', 'classifier')
 # Taken from config.model even when init_from supplies the architecture: how to run, not what the network is.
-RUNTIME_KEYS = ('compute_dtype', 'param_dtype', 'remat', 'attention', 'dropout')
+RUNTIME_KEYS = ('compute_dtype', 'param_dtype', 'remat', 'attention', 'dropout', 'loss_vocab_chunk')
 METHODS = ('lora', 'full')
 
 

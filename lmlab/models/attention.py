@@ -7,6 +7,7 @@ Interpretability: the `heads` site (layers.site) is each head's output before th
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lmlab.models.config import ModelConfig
 from lmlab.models.layers import Dense, constrain, rope, site
@@ -72,9 +73,10 @@ class Attention(nn.Module):
     if c.position == 'rope':
       q_BLHK = rope(q_BLHK, positions_BL, c.rope_base, c)
       k_BLGK = rope(k_BLGK, positions_BL, c.rope_base, c)
-    q_BLHK = constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None))
-    k_BLGK = constrain(k_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
-    v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
+    # Names for the remat policies (config.REMAT_SAVE_SETS); identities otherwise.
+    q_BLHK = checkpoint_name(constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None)), 'query_proj')
+    k_BLGK = checkpoint_name(constrain(k_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None)), 'key_proj')
+    v_BLGK = checkpoint_name(constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None)), 'value_proj')
 
     causal = c.family == 'decoder'
     if self.is_mutable_collection('cache') and not self.is_initializing():
@@ -87,7 +89,9 @@ class Attention(nn.Module):
     else:
       out_BLHK = fused_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, c.attention)
     out_BLHK = site(self, 'heads', constrain(out_BLHK, ('act_batch', 'act_length', 'act_heads', None)))
-    return Dense((D,), ('heads', 'head_dim', 'embed'), c, in_axes=2, use_bias=c.out_bias, name='out')(out_BLHK)
+    out_BLHK = checkpoint_name(out_BLHK, 'attention_context')
+    out_BLD = Dense((D,), ('heads', 'head_dim', 'embed'), c, in_axes=2, use_bias=c.out_bias, name='out')(out_BLHK)
+    return checkpoint_name(out_BLD, 'attention_out')
 
   def kv_cache(self, k_BLGK, v_BLGK, segment_ids_BL):
     """Writes this call's keys/values (G kv heads only) at the cache index; returns the whole cache.

@@ -7,6 +7,22 @@ import dataclasses
 from typing import Any, Mapping
 
 
+# Activations named with jax.ad_checkpoint.checkpoint_name inside each block, for the remat policies:
+#   query_proj, key_proj, value_proj  q [B, L, H, K] and k, v [B, L, G, K] after RoPE, as attention reads them
+#   attention_context                 attention's per-head output [B, L, H, K], the input of its output projection
+#   attention_out                     the output projection [B, L, D], what the residual stream adds
+#   mlp_in                            the feed-forward's input projections [B, L, F] (SwiGLU: gate and up)
+#   mlp_hidden                        after the activation [B, L, F], the input of the down projection
+#   mlp_out                           the down projection [B, L, D]
+# (MoE blocks: only their shared experts, an Mlp, carry the mlp_* names; the routed experts name nothing yet.)
+REMAT_SAVE_SETS = {
+    'qkv_proj': ('query_proj', 'key_proj', 'value_proj'),
+    'attention_out': ('attention_context', 'attention_out'),
+    'attention': ('query_proj', 'key_proj', 'value_proj', 'attention_context', 'attention_out'),
+    'mlp': ('mlp_in', 'mlp_hidden', 'mlp_out'),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
   """Mixture-of-Experts switches; num_experts == 0 means a dense model."""
@@ -59,7 +75,11 @@ class ModelConfig:
   dropout: float = 0.0
   param_dtype: str = 'float32'
   compute_dtype: str = 'bfloat16'
-  remat: str = 'none'              # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  remat: str = 'none'              # none | full | dots_saveable | dots_with_no_batch_dims_saveable | nothing_saveable
+                                   # | save_NAMES (keep those activations, recompute the rest) | offload_NAMES (move
+                                   # them to host memory instead; GPU/TPU), NAMES a key of REMAT_SAVE_SETS above
+  loss_vocab_chunk: int = 0        # > 0: the training and eval loss take the logits this many vocabulary entries at
+                                   # a time from the final hidden states, never forming [B, L, V] (0: whole logits)
   attention: str = 'auto'          # auto (jax.nn.dot_product_attention) | cudnn | xla | einsum
   moe: MoeConfig = MoeConfig()
 
@@ -83,6 +103,8 @@ class ModelConfig:
     if not self.head_dim and self.d_model % self.num_heads:
       raise ValueError(f'model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; '
                        'set model.head_dim')
+    if self.loss_vocab_chunk < 0:
+      raise ValueError(f'model.loss_vocab_chunk={self.loss_vocab_chunk} must be >= 0 (0: whole logits)')
     if self.num_layers % self.layers_per_group:
       raise ValueError(f'model.num_layers={self.num_layers} must be a multiple of model.moe.every={self.moe.every}')
 

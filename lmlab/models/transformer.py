@@ -6,22 +6,30 @@ Layers are grouped `layers_per_group` at a time (a MoE model with `moe.every=n` 
 last block of each group) and the groups are stacked with `nn.scan`, so compile time does not grow
 with depth; parameters of the stack carry the logical axis `layers` first.
 Named activations (`site`: residual stream, attention and MLP outputs, final norm, logits) can be captured and
-patched by lmlab.interpret; they cost nothing unless its collections are passed.
+patched by lmlab.interpret; they cost nothing unless its collections are passed. Separately, checkpoint names inside
+each block (config.REMAT_SAVE_SETS) are what the save_* / offload_* remat policies keep.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lmlab.models.attention import Attention
-from lmlab.models.config import ModelConfig
+from lmlab.models.config import REMAT_SAVE_SETS, ModelConfig
 from lmlab.models.layers import Dense, Norm, constrain, dtype, embed_init, partitioned, site
 from lmlab.models.mlp import Mlp
 
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     'full': None,
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': _policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': _policies.dots_with_no_batch_dims_saveable,
+    'nothing_saveable': _policies.nothing_saveable,
+    # Keep the named activations (config.REMAT_SAVE_SETS) in device memory, or move them to pinned host memory and
+    # back for the backward pass; everything else is recomputed.
+    **{f'save_{key}': _policies.save_only_these_names(*names) for key, names in REMAT_SAVE_SETS.items()},
+    **{f'offload_{key}': _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=names, offload_src='device',
+        offload_dst='pinned_host') for key, names in REMAT_SAVE_SETS.items()},
 }
 
 
@@ -113,8 +121,14 @@ class Transformer(nn.Module):
       x_BLD = site(self, 'final_hidden', Norm(c, name='final_norm')(x_BLD))
     if return_hidden:
       return x_BLD, aux
-    if c.tie_embeddings:
+    if c.tie_embeddings:  # `unembedding` below hands out the same weight
       logits_BLV = embed.attend(x_BLD)
     else:
       logits_BLV = Dense((c.vocab_size,), ('embed', 'vocab'), c, name='lm_head')(x_BLD)
     return site(self, 'logits', constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab'))), aux
+
+  def unembedding(self):
+    """The LM head's weight [D, V] in its param dtype and sharding (the tied embedding transposed, or lm_head's
+    kernel): what the chunked loss multiplies return_hidden's states by. `model.apply(variables, method=...)`."""
+    params = self.variables['params']
+    return params['embed']['embedding'].T if self.config.tie_embeddings else params['lm_head']['kernel']

@@ -9,17 +9,32 @@ from lmlab.train import losses
 from lmlab.train.state import TrainState
 
 
-def _forward(model, params, model_state, batch, rngs=None):
+def _forward(model, params, model_state, batch, rngs=None, **kwargs):
   return model.apply({'params': params, **model_state}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                     rngs=rngs)
+                     rngs=rngs, **kwargs)
+
+
+def _token_stats(model, params, model_state, batch, rngs=None):
+  """(losses.logit_stats of the batch's targets, aux). With model.loss_vocab_chunk, from the final hidden states a
+  vocabulary chunk at a time, so the [B, L, V] logits are never formed.
+
+  A model that cannot hand out its unembedding (a fine-tuning wrapper) takes the logits path: the same numbers.
+  """
+  chunk = model.config.loss_vocab_chunk
+  if chunk and hasattr(model, 'unembedding'):
+    hidden_BLD, aux = _forward(model, params, model_state, batch, rngs, return_hidden=True)
+    w_DV = model.apply({'params': params}, method='unembedding')
+    return losses.chunked_logit_stats(hidden_BLD, w_DV, batch['targets'], chunk), aux
+  logits_BLV, aux = _forward(model, params, model_state, batch, rngs)
+  return losses.logit_stats(logits_BLV, batch['targets']), aux
 
 
 def lm_loss_fn(model, z_loss: float):
   """(params, model_state, batch, rng) -> (loss sum, nll sum, aux): weighted token cross-entropy (+ z-loss)."""
   def loss_fn(params, model_state, batch, rng):
     # One 'dropout' stream: the layer scan splits it per layer, and MoE router jitter draws from it too.
-    logits_BLV, aux = _forward(model, params, model_state, batch, rngs={'dropout': rng})
-    nll_sum, z_sum, _ = losses.token_cross_entropy(logits_BLV, batch['targets'], batch['weights'])
+    stats, aux = _token_stats(model, params, model_state, batch, rngs={'dropout': rng})
+    nll_sum, z_sum, _ = losses.token_sums(stats, batch['targets'], batch['weights'])
     return nll_sum + z_loss * z_sum, nll_sum, aux
   return loss_fn
 
@@ -84,11 +99,11 @@ def make_eval_step(model, token_bytes_V):
   token_bytes_V = jnp.asarray(token_bytes_V, jnp.float32)
 
   def eval_step(params, model_state, batch):
-    logits_BLV, _ = _forward(model, params, model_state, batch)
-    nll_sum, _, correct_sum = losses.token_cross_entropy(logits_BLV, batch['targets'], batch['weights'])
+    stats, _ = _token_stats(model, params, model_state, batch)
+    nll_sum, _, correct_sum = losses.token_sums(stats, batch['targets'], batch['weights'])
     bytes_BL = token_bytes_V[batch['targets']] * batch['weights']
-    # The same cross-entropy over text targets only; XLA computes the shared logsumexp once.
-    text_nll_sum, _, _ = losses.token_cross_entropy(logits_BLV, batch['targets'], batch['weights'] * (bytes_BL > 0))
+    # The same per-token numbers summed over text targets only.
+    text_nll_sum, _, _ = losses.token_sums(stats, batch['targets'], batch['weights'] * (bytes_BL > 0))
     return {'nll_sum': nll_sum, 'tokens': jnp.sum(batch['weights']), 'correct': correct_sum,
             'bytes': jnp.sum(bytes_BL), 'text_nll_sum': text_nll_sum}
 
