@@ -67,7 +67,7 @@ def test_majority_vote_verifier_and_rules_by_hand():
   with pytest.raises(ValueError, match='verifier needs a reference answer'):
     scorers.score(_samples([['1']]), scorers.Rules(('verifier',)))
   with pytest.raises(ValueError, match='improve.scorers'):
-    scorers.Rules(('judge',))
+    scorers.Rules(('bleu',))
 
 
 def test_rejection_sampling_keeps_at_most_m_distinct_passing_texts_and_dpo_pairs_best_with_worst():
@@ -91,5 +91,9 @@ def test_reversed_additions_are_right_distinct_and_padded():
     a, b = (int(x[::-1]) for x in r['prompt'].rstrip('=').split('+'))
     assert r['answer'] == str(a + b)[::-1]
   assert addition.problems([2], 5, seed=1) == addition.problems([2], 5, seed=1)
+  plain = addition.problems([2], 20, seed=1, notation='plain', question='What is {a} + {b}?')
+  for r, reversed_row in zip(plain, addition.problems([2], 20, seed=1)):  # the same draws, written the usual way
+    a, b = (int(x) for x in r['prompt'].removeprefix('What is ').rstrip('?').split(' + '))
+    assert r['answer'] == str(a + b) and reversed_row['prompt'] == f'{str(a)[::-1]}+{str(b)[::-1]}='
   with pytest.raises(ValueError, match='pad_to'):
     addition.problems([4], 1, seed=0, width=3)

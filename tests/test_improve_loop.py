@@ -1,5 +1,7 @@
-"""The self-improvement loop end to end on a tiny byte-level model: its lineage files, the gate's numbers recomputed
-from the stored outcomes, and resuming after kills in the generate and train stages (one loop run shared)."""
+"""The self-improvement loop end to end on a small byte-level model: its lineage files, the gate's numbers recomputed
+from the stored outcomes, resuming after kills in the generate and train stages, the gate on rounds trained on right
+and on deliberately wrong labels, and a GRPO round (one base model shared)."""
+import json
 import os
 import shutil
 
@@ -9,18 +11,18 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from experiments.configs import improve_arith
 from lmlab.eval import stats
-from lmlab.improve import feedback, loop, records
+from lmlab.improve import feedback, grpo_reward, loop, records, scorers, stages
 from tests import tiny
 
 
 def tiny_config(**overrides):
-  """improve_arith cut to a 2-layer d_model-32 model, 1-digit base additions, one round of 2-digit problems."""
+  """improve_arith cut to 1-2 digit base additions padded to 3 digits and one round of 3-digit problems: the fewest
+  base steps (500) after which the base adds 2-digit numbers (a 1-digit base, or 300 steps, adds nothing)."""
   c = improve_arith.get_config()
   i = c.improve
-  i.iterations, i.base_digits, i.base_examples, i.base_steps, i.eval_examples = 1, 1, 50, 40, 24
-  i.pool_size, i.samples_per_prompt, i.steps, i.batch_size, i.n_boot = 8, 2, 8, 16, 200
-  i.max_new_tokens, i.pad_to = 4, 2
-  c.model.d_model, c.model.num_layers, c.model.ffn_dim, c.batch_size = 32, 2, 64, 8
+  i.iterations, i.base_digits, i.base_examples, i.base_steps, i.eval_examples = 1, 2, 500, 500, 48
+  i.pool_size, i.samples_per_prompt, i.steps, i.batch_size, i.n_boot = 64, 2, 100, 16, 200
+  i.max_new_tokens, i.pad_to = 5, 3
   return tiny.override(c, **overrides)
 
 
@@ -55,9 +57,9 @@ def test_each_iteration_leaves_its_files_and_a_decision_the_statistics_reproduce
     assert os.path.isfile(os.path.join(it, name)), name
   assert os.path.isdir(os.path.join(it, 'model', 'checkpoints'))
   samples = records.read_jsonl(os.path.join(it, 'samples.jsonl'))
-  assert len(samples) == 8 * 2 and len({s['sample_id'] for s in samples}) == 16
+  assert len(samples) == 64 * 2 and len({s['sample_id'] for s in samples}) == 128
   digits = lambda question: max(len(str(int(x[::-1]))) for x in question.rstrip('=').split('+'))
-  assert {digits(s['question']) for s in samples} == {2}  # round 1 labels 2-digit problems
+  assert {digits(s['question']) for s in samples} == {3}  # round 1 labels 3-digit problems
   decision = records.read_json(os.path.join(it, 'decision.json'))
   assert decision == result['decisions'][0]
   current = records.read_json(os.path.join(workdir, 'base', 'eval.json'))['heldout']['outcomes']
@@ -131,3 +133,65 @@ def test_a_paused_round_scores_with_the_reviewers_rating_in_place_of_the_verifie
   assert judged['automated_reward'] == float(right) and judged['reward'] == float(not right)
   assert judged['source'] == 'human' and judged['ratings'] == {'ann': 1 if right else 5}
   assert {r['source'] for k, r in scores.items() if k != sample['sample_id']} == {'automated'}
+
+
+def _reviewed_round(workdir: str, new: str, correct) -> dict:
+  """Round 1 from `workdir`'s base with the verifier, paused for review: a reviewer corrects every sample to
+  correct(answer), then the round runs to its decision."""
+  config = tiny_config(**{'improve.scorers': 'verifier', 'improve.pause_for_review': True})
+  reviewed = _start_of_round_1(workdir, new, names=('tasks', 'base'))
+  with pytest.raises(loop.Paused):
+    loop.run(config, reviewed, log=lambda message: None)
+  for s in records.read_jsonl(os.path.join(reviewed, 'iterations', '1', 'samples.jsonl')):
+    if s['answer'] != correct(s['answer']):  # a wrong correction: the reviewer also rejects what the verifier keeps
+      feedback.append(os.path.join(reviewed, 'feedback'), {'sample_id': s['sample_id'], 'rating': 1,
+                                                            'annotator': 'ann', 'time': '2026-11-30T12:00:00Z'})
+    feedback.append(os.path.join(reviewed, 'feedback'), {'sample_id': s['sample_id'], 'corrected_text':
+                                                          correct(s['answer']), 'annotator': 'ann',
+                                                          'time': '2026-11-30T12:00:00Z'})
+  loop.run(config, reviewed, log=lambda message: None)
+  return records.read_json(os.path.join(reviewed, 'iterations', '1', 'decision.json'))
+
+
+def test_the_gate_accepts_a_round_on_right_labels_and_rejects_one_on_wrong_labels(run, tmp_path):
+  """The same round of the same base, its labels the reviewer's corrections: the true sums (a real improvement) or
+  every digit shifted by one (deliberately wrong, and the verifier's right samples rated 1)."""
+  workdir, _ = run
+  right = _reviewed_round(workdir, str(tmp_path / 'right'), lambda answer: answer)
+  assert right['selected_label_accuracy'] == 1.0
+  assert right['accepted'] and right['reasons'] == [] and right['heldout']['ci_low'] > 0
+  assert right['candidate_heldout'] > right['current_heldout']
+  wrong = _reviewed_round(workdir, str(tmp_path / 'wrong'),
+                          lambda answer: ''.join(str((int(d) + 1) % 10) for d in answer))
+  assert wrong['selected_label_accuracy'] == 0.0 and wrong['current_heldout'] == right['current_heldout']
+  assert not wrong['accepted'] and wrong['candidate_heldout'] <= wrong['current_heldout']
+  assert 'is not significantly above 0' in wrong['reasons'][0]
+
+
+def test_a_grpo_round_trains_on_the_rounds_prompts_with_the_loops_reward_and_is_gated(run, tmp_path):
+  workdir, _ = run
+  config = tiny_config(**{'improve.method': 'grpo', 'improve.scorers': 'verifier', 'improve.steps': 3, 'log_every': 1})
+  grpo = _start_of_round_1(workdir, str(tmp_path / 'grpo'), names=('tasks', 'base'))
+  result = loop.run(config, grpo, log=lambda message: None)
+  it = os.path.join(grpo, 'iterations', '1')
+  for name in ('samples.jsonl', 'scores.jsonl', 'train.jsonl', 'eval.json', 'decision.json', 'trained.json'):
+    assert os.path.isfile(os.path.join(it, name)), name
+  samples = records.read_jsonl(os.path.join(it, 'samples.jsonl'))
+  rows = records.read_jsonl(os.path.join(it, 'train.jsonl'))
+  assert [(r['prompt'], r['answer']) for r in rows] == [(s['question'], s['answer']) for s in samples[::2]]
+  assert rows[0]['scoring'] == scorers.settings(config)
+  metadata = records.read_json(os.path.join(it, 'model', 'config.json'))
+  assert metadata['finetune']['task'] == 'grpo' and metadata['grpo']['rewards'] == stages.GRPO_REWARD
+  metrics = [json.loads(line) for line in open(os.path.join(it, 'model', 'metrics.jsonl'))]
+  assert [m['step'] for m in metrics if 'grpo/reward_mean' in m] == [1, 2, 3]
+  decision = records.read_json(os.path.join(it, 'decision.json'))
+  assert decision == result['decisions'][0] and decision['candidate'] == 'iterations/1/model'
+  current = records.read_json(os.path.join(grpo, 'base', 'eval.json'))['heldout']['outcomes']
+  candidate = records.read_json(os.path.join(it, 'eval.json'))['heldout']['outcomes']
+  assert decision['heldout'] == stats.paired_comparison(candidate, current, n_boot=200, seed=0 + 1)
+  # the reward GRPO trained on is the score stage's, on the text up to the first newline as generation cuts it
+  for s, r in zip(samples, records.read_jsonl(os.path.join(it, 'scores.jsonl'))):
+    assert grpo_reward.reward(s['question'], s['text'] + '\nmore', rows[0] | {'answer': s['answer']}) == r['reward']
+  assert grpo_reward.reward(rows[0]['prompt'], rows[0]['answer'] + '\n9', rows[0]) == 1.0
+  with pytest.raises(ValueError, match='drop majority'):
+    loop.run(tiny_config(**{'improve.method': 'grpo'}), str(tmp_path / 'refused'), log=lambda message: None)

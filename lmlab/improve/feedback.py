@@ -158,9 +158,14 @@ def cohen_kappa(a: list[int], b: list[int]) -> float | None:
   return None if chance == 1 else (observed - chance) / (1 - chance)
 
 
-def agreement(scores: list[dict]) -> dict:
-  """Agreement of people with the automated reward (a rating of 4 or 5 counts as good, an automated reward of at
-  least 0.5 as good) on the rated samples, and between annotators on the samples two of them rated."""
+def agreement(scores: list[dict], preferences: dict | None = None) -> dict:
+  """Agreement of people with the automated reward, and between annotators.
+
+  human_vs_automated: on the rated samples, a rating of 4 or 5 (mean across annotators) counts as good and an
+  automated reward of at least 0.5 as good: the share of equal labels and Cohen's kappa (graded rewards included).
+  preferences_vs_automated: on the resolved preferences between two scored samples, the share where the automated
+  reward ranks the preferred sample higher, over the pairs it does not tie (ties counted apart): the pairwise
+  agreement of a graded scorer with people. between_annotators: kappa on the samples two annotators both rated."""
   rated = [r for r in scores if r.get('ratings')]
   out = {'rated_samples': len(rated)}
   if rated:
@@ -168,6 +173,13 @@ def agreement(scores: list[dict]) -> dict:
     auto = [int(r['automated_reward'] >= 0.5) for r in rated]
     out['human_vs_automated'] = {'agreement': sum(h == a for h, a in zip(human, auto)) / len(rated),
                                  'kappa': cohen_kappa(human, auto)}
+  automated = {r['sample_id']: r['automated_reward'] for r in scores}
+  judged = [(automated[p], automated[a if p == b else b]) for (a, b), p in sorted((preferences or {}).items())
+            if a in automated and b in automated]
+  if judged:
+    ranked = [(p, o) for p, o in judged if p != o]
+    out['preferences_vs_automated'] = {'pairs': len(judged), 'ties': len(judged) - len(ranked),
+                                       'agreement': sum(p > o for p, o in ranked) / len(ranked) if ranked else None}
   pairs = collections.defaultdict(lambda: ([], []))
   for r in rated:
     names = sorted(r['ratings'])

@@ -1,4 +1,5 @@
-"""Training data from scored samples: rejection sampling for SFT (ReST-EM) and best-vs-worst pairs for DPO."""
+"""Training data from scored samples: rejection sampling for SFT (ReST-EM), best-vs-worst pairs for DPO, and the
+round's prompts for GRPO (which samples and scores its own completions while it trains)."""
 import collections
 
 
@@ -41,3 +42,13 @@ def preference_pairs(samples: list[dict], scores: list[dict], margin: float) -> 
                    'rejected': worst[0]['text'].strip(), 'chosen_id': best[0]['sample_id'],
                    'rejected_id': worst[0]['sample_id']})
   return rows
+
+
+def prompts(samples: list[dict], scoring: dict) -> list[dict]:
+  """GRPO rows {prompt, answer, scoring, prompt_id}: each prompt of the round once, in sampling order, with the
+  loop's scorer settings (lmlab/improve/grpo_reward.py rewards its completions by them; '' when it has no answer)."""
+  rows = {}
+  for s in samples:
+    rows.setdefault(s['prompt_id'], {'prompt': s['question'], 'answer': s.get('answer') or '', 'scoring': scoring,
+                                     'prompt_id': s['prompt_id']})
+  return list(rows.values())

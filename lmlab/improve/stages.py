@@ -2,10 +2,12 @@
 
 generate  K sampled completions per pool prompt from the current model (batched KV-cache decoding, seeded)
 score     the automated scorers, then human feedback where a person judged a sample
-select    SFT rows by rejection sampling, or DPO pairs
-train     fine-tune (lmlab.finetune.trainer) from the base or the current model; resumes from its own checkpoints
+select    SFT rows by rejection sampling, DPO pairs, or the round's prompts for GRPO
+train     fine-tune (lmlab.finetune.trainer: sft, dpo or grpo) from the base or the current model; resumes from its
+          own checkpoints
 evaluate  held-out and guard tasks through lmlab.eval.tasks, one outcome per example for the gate
 """
+import dataclasses
 import os
 
 from lmlab.eval import tasks
@@ -14,6 +16,14 @@ from lmlab.generate import Sampling
 from lmlab.improve import records, scorers
 
 STOPS = ['\n']  # answers are one line: the chat fallback ends the assistant's turn with a newline
+GRPO_REWARD = 'lmlab.improve.grpo_reward:reward'  # improve.method=grpo trains on the loop's own reward
+
+
+def load_model(path: str, compute_dtype: str, log=None):
+  """lmlab.convert.load_model(path), run in `compute_dtype` (a GGUF file says bfloat16, which is slow on CPUs)."""
+  from lmlab import convert  # pylint: disable=g-import-not-at-top
+  model = convert.load_model(path, **({'log': log} if log else {}))
+  return dataclasses.replace(model, config=dataclasses.replace(model.config, compute_dtype=compute_dtype))
 
 
 def prompt_text(tokenizer, question: str) -> str:
@@ -35,10 +45,14 @@ def generate(model, pool: list[dict], k: int, temperature: float, settings: task
 
 
 def train_config(config, data_dir: str, init_from: str, steps: int, seed: int, task: str = 'sft'):
-  """The fine-tuning config of one train stage: full fine-tuning on DATA_DIR/{train,validation}.jsonl."""
+  """The fine-tuning config of one train stage on DATA_DIR/{train,validation}.jsonl: finetune.method's fine-tuning
+  (full from scratch); GRPO samples improve.max_new_tokens tokens and is rewarded by the loop's scorers."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    c.finetune.task, c.finetune.method, c.finetune.export = task, 'full', False
+    c.finetune.task, c.finetune.export = task, False
+    c.finetune.method = c.finetune.method if init_from else 'full'  # no pretrained weights to adapt
+    if task == 'grpo':
+      c.grpo.rewards, c.grpo.max_new_tokens = GRPO_REWARD, c.improve.max_new_tokens
     c.finetune.dataset = f'files:{os.path.join(data_dir, "{split}.jsonl")}'
     c.init_from, c.steps, c.seed = init_from, steps, seed
     c.checkpoint_every, c.keep_checkpoints, c.eval_every = steps, 1, 0
@@ -62,17 +76,18 @@ def train(config, data_dir: str, model_dir: str, init_from: str, steps: int, see
   return {'step': summary['step'], 'steps': steps, 'init_from': init_from}
 
 
-def evaluate(model, heldout: str, guard_specs: dict[str, str], settings: tasks.Settings) -> dict:
-  """{'heldout': accuracy, outcomes and accuracy per tag; 'guards': {name: the same}} by exact match."""
-  out = {'model': model.source, 'heldout': _exact(model, heldout, settings), 'guards': {}}
+def evaluate(model, heldout: str, guard_specs: dict[str, str], settings: tasks.Settings, match: str = 'exact') -> dict:
+  """{'heldout': accuracy, outcomes and accuracy per tag; 'guards': {name: the same}}, each greedy output right when
+  it answers under `match` (the verifier's rule, lmlab/improve/scorers.py)."""
+  out = {'model': model.source, 'heldout': _accuracy(model, heldout, settings, match), 'guards': {}}
   for name, spec in guard_specs.items():
-    out['guards'][name] = _exact(model, spec, settings)
+    out['guards'][name] = _accuracy(model, spec, settings, match)
   return out
 
 
-def _exact(model, spec: str, settings: tasks.Settings) -> dict:
+def _accuracy(model, spec: str, settings: tasks.Settings, match: str) -> dict:
   results, samples = tasks.evaluate_task(model, spec, settings)
-  outcomes = [scorers.exact(s['output'], s['answer']) for s in samples]
+  outcomes = [scorers.correct(s['output'], s['answer'], match) for s in samples]
   by_tag = {}
   for s, o in zip(samples, outcomes):
     for tag in s['tags']:
