@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmlab.finetune import grpo_loss
+from lmlab.finetune import grpo, grpo_loss
 
 
 def test_advantages_have_zero_mean_per_group_and_vanish_for_a_constant_group():
@@ -83,6 +83,44 @@ def test_first_step_loss_is_zero_but_its_gradient_is_the_policy_gradient(normali
   want = jax.jit(jax.grad(reinforce))(theta_BLV)
   assert float(jnp.abs(want).max()) > 1e-2
   np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+
+
+class LogitsModel:
+  """A stand-in model whose logits are its parameter 'theta' [B, L, V], so grpo_loss_fn can be checked by hand."""
+
+  def apply(self, variables, tokens_BL, positions_BL, segment_ids_BL, rngs=None):
+    del tokens_BL, positions_BL, segment_ids_BL, rngs
+    return variables['params']['theta'], {}
+
+  def reference_variables(self, model_state):
+    return {'params': model_state['reference']}
+
+
+def test_loss_fn_takes_log_probs_at_the_sampling_temperature():
+  """Rollouts sampled at temperature T come from softmax(logits / T): the gradient must be that policy's REINFORCE
+  gradient and the KL compare the T-scaled policy and reference (TRL's convention), not the T = 1 ones."""
+  rng = np.random.default_rng(2)
+  B, L, V, T = 4, 3, 5, 0.5
+  theta_BLV, reference_BLV = (jnp.asarray(rng.normal(0, 2, (B, L, V)), jnp.float32) for _ in range(2))
+  tokens_BL = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
+  advantages_B = grpo_loss.group_advantages(jnp.asarray([[1.0, 0.0], [0.3, 0.9]])).reshape(-1)
+  mask_BL = jnp.asarray([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], jnp.float32)
+  batch = {'inputs': tokens_BL, 'positions': tokens_BL, 'segment_ids': tokens_BL, 'targets': tokens_BL,
+           'advantages': advantages_B, 'response': mask_BL, 'weights': mask_BL}
+  loss_fn = grpo.grpo_loss_fn(LogitsModel(), LogitsModel(), beta=0.0, temperature=T)
+  model_state = {'reference': {'theta': reference_BLV}}
+  mean_loss = lambda theta: loss_fn({'theta': theta}, model_state, batch, None)[0] / jnp.sum(mask_BL)
+  reinforce = lambda theta, t: -jnp.sum(advantages_B[:, None] * mask_BL * policy_logprobs(theta / t, tokens_BL)) / (
+      jnp.sum(mask_BL))
+  want = jax.grad(reinforce)(theta_BLV, T)
+  gap = float(jnp.abs(want - jax.grad(reinforce)(theta_BLV, 1.0)).max())
+  assert gap > 0.3 * float(jnp.abs(want).max())  # the T = 1 gradient is a different one here
+  np.testing.assert_allclose(jax.grad(mean_loss)(theta_BLV), want, rtol=1e-5, atol=1e-6)
+  k3 = grpo_loss.k3_kl(policy_logprobs(theta_BLV / T, tokens_BL), policy_logprobs(reference_BLV / T, tokens_BL))
+  _, _, aux = loss_fn({'theta': theta_BLV}, model_state, batch, None)
+  np.testing.assert_allclose(aux['grpo/kl'], jnp.sum(k3 * mask_BL) / jnp.sum(mask_BL), rtol=1e-5)
+  with pytest.raises(ValueError, match='temperature=0 must be > 0'):
+    grpo.grpo_loss_fn(LogitsModel(), LogitsModel(), temperature=0)
 
 
 def test_clipping_hand_computed():

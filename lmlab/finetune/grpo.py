@@ -5,7 +5,9 @@ prompt + completion as inputs/targets/positions/segment_ids (SFT rows), 'respons
 'advantages' [B] (lmlab/finetune/grpo_loss.py) and 'weights' [B, L], the normalisation's token weights, whose sum
 the train step divides by (so microbatching stays exact). One inner update per rollout: the policy that sampled
 is the one being updated, so the old log-probs are the policy's own with the gradient stopped (ratio 1; the clip
-acts only when a rollout is reused, which this does not do). The KL is to the frozen reference
+acts only when a rollout is reused, which this does not do). Log-probs are those of the distribution that sampled,
+softmax(logits / temperature), for the policy and the reference alike (TRL's convention): the gradient is then the
+policy gradient of the sampler and the k3 KL is estimated under its own samples. The KL is to the frozen reference
 (lmlab/finetune/reference.py), logged even with beta 0.
 """
 import jax
@@ -27,12 +29,17 @@ def rollout_batch(rows: list[dict], rewards_NG, normalization: str, scale_reward
   return batch
 
 
-def grpo_loss_fn(model, eval_model, epsilon_low: float = 0.2, epsilon_high: float = 0.2, beta: float = 0.0):
-  """(params, model_state, batch, rng) -> (loss sum, loss sum, aux) of a rollout batch; aux carries the mean k3 KL
-  and the clipped fraction over response tokens under 'grpo/'."""
+def grpo_loss_fn(model, eval_model, epsilon_low: float = 0.2, epsilon_high: float = 0.2, beta: float = 0.0,
+                 temperature: float = 1.0):
+  """(params, model_state, batch, rng) -> (loss sum, loss sum, aux) of a rollout batch sampled at `temperature`;
+  aux carries the mean k3 KL and the clipped fraction over response tokens under 'grpo/'."""
+  if not temperature > 0:
+    raise ValueError(f'GRPO temperature={temperature} must be > 0: rollouts are sampled (greedy ones would give '
+                     'every sample of a prompt the same reward, so no signal); 1.0 samples the model as it is')
+
   def token_logprobs(m, variables, batch, rngs=None):
     logits_BLV, aux = m.apply(variables, batch['inputs'], batch['positions'], batch['segment_ids'], rngs=rngs)
-    return logprobs.token_logprobs(logits_BLV, batch['targets']), aux
+    return logprobs.token_logprobs(logits_BLV / temperature, batch['targets']), aux
 
   def loss_fn(params, model_state, batch, rng):
     policy_BL, aux = token_logprobs(model, {'params': params, **model_state}, batch, {'dropout': rng})

@@ -70,7 +70,7 @@ class GrpoTask(tasks.SftTask):
 
   def loss_fn(self):
     g = self.config.grpo
-    return grpo.grpo_loss_fn(self.model, self.eval_model, g.epsilon_low, g.epsilon_high, g.beta)
+    return grpo.grpo_loss_fn(self.model, self.eval_model, g.epsilon_low, g.epsilon_high, g.beta, g.temperature)
 
   @functools.cached_property
   def _policy_variables(self):
