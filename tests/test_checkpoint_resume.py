@@ -21,7 +21,7 @@ def start(workdir, env) -> subprocess.Popen:
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def finish(child: subprocess.Popen, timeout: float = 120) -> int:
+def finish(child: subprocess.Popen, timeout: float = 400) -> int:
   try:
     return child.wait(timeout)
   except subprocess.TimeoutExpired:
@@ -35,7 +35,8 @@ def output(workdir) -> str:
     return f.read()
 
 
-def wait_for(pattern: str, child: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(pattern: str, child: subprocess.Popen, timeout: float = 400) -> None:
+  """Waits for a file of a child run; the deadline only catches a hung child (3 runs share 2 busy cores here)."""
   deadline = time.time() + timeout
   while not glob.glob(pattern):
     if child.poll() is not None or time.time() > deadline:
