@@ -1,5 +1,6 @@
 """GRPO through lmlab's one train step: a rollout batch of a tiny LoRA Llama gives loss 0, a real gradient, KL 0;
-the grpo task samples, logs its metrics and resumes exactly; max_kl stops a diverged policy."""
+the grpo task samples, logs its metrics and resumes exactly; max_kl stops a diverged policy; the tiny_grpo preset
+holds out problems it never trains on."""
 import types
 
 import flax.linen as nn
@@ -9,11 +10,11 @@ import orbax.checkpoint as ocp
 import pytest
 import tiny
 
-from experiments.configs import base
+from experiments.configs import base, tiny_grpo
 from lmlab import sharding
 from lmlab.convert.testing import TINY
-from lmlab.data import pipeline
-from lmlab.finetune import grpo, reference, tasks
+from lmlab.data import pipeline, tokenizers
+from lmlab.finetune import data, grpo, grpo_task, reference, tasks
 from lmlab.train import optim, state as state_lib, step as step_lib
 
 
@@ -82,7 +83,8 @@ def grpo_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('grpo')
   out = []
   for name, restore in (('straight', 'latest'), ('resumed', str(root / 'straight' / 'checkpoints' / '2'))):
-    trainer.run(grpo_config(4, **{'finetune.export': False, 'restore': restore}), str(root / name))
+    trainer.run(grpo_config(4, **{'finetune.export': False, 'restore': restore, 'eval_at_start': True}),
+                str(root / name))
     state = ocp.PyTreeCheckpointer().restore(str(root / name / 'checkpoints' / '4' / 'state'))
     out.append((metrics_lib.read_rows(str(root / name / 'metrics.jsonl')), state['params']))
   return out
@@ -98,7 +100,10 @@ def test_grpo_task_logs_its_metrics_and_resumes_exactly(grpo_runs):
   assert train[0]['grpo/kl'] < 1e-9 and train[-1]['grpo/kl'] > 1e-9  # starts at its reference, then leaves it
   assert min(r['grpo/zero_variance_groups'] for r in train) < 1  # some group had a signal to learn from
   evaluation = [r for r in straight if 'eval_exact_match' in r]
-  assert [r['step'] for r in evaluation] == [4] and 0 <= evaluation[0]['eval_exact_match'] <= 1
+  assert [r['step'] for r in evaluation] == [0, 4]  # eval_at_start: the starting point, then every eval_every
+  assert all(0 <= r['eval_exact_match'] <= 1 for r in evaluation)
+  assert abs(evaluation[0]['eval_loss'] - np.log(260)) < 0.05  # a fresh init predicts ~uniformly over 260 bytes
+  assert [r['step'] for r in resumed if 'eval_loss' in r] == [4]  # a resumed run does not start over
   # Resume is exact: the same prompts, samples (seeded by step), rewards and updates as the uninterrupted run.
   assert [r['step'] for r in resumed if 'loss' in r] == [3, 4]
   same = lambda rows: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rows if r['step'] > 2]
@@ -114,3 +119,15 @@ def test_max_kl_stops_a_diverged_policy_in_one_line():
   assert '\n' not in str(e.value)
   with pytest.raises(ValueError, match='group_size=3 must be >= 2 and divide batch_size=8'):
     tasks.make_task(grpo_config(4, **{'grpo.group_size': 3}))
+
+
+def test_tiny_grpo_preset_holds_out_disjoint_problems_evaluates_all_and_fits_its_rollouts():
+  """The preset's eval_exact_match is over every held-out problem, none of them a training prompt."""
+  c = tiny_grpo.get_config('grpo')
+  tokenizer = tokenizers.tokenizer_from_config(c.data)
+  train, held_out = ({r['prompt'] for r in data.sft_records(c, split)} for split in ('train', 'validation'))
+  assert train and held_out and not train & held_out
+  assert len(held_out) <= c.grpo.eval_prompts  # eval_exact_match is over every held-out problem
+  task = types.SimpleNamespace(config=c, tokenizer=tokenizer)
+  longest = max(len(grpo_task.GrpoTask.prompt_ids(task, {'prompt': p})) for p in train | held_out)
+  assert longest + c.grpo.max_new_tokens <= c.seq_len + 1  # a rollout row (prompt + completion, shifted) is not cut

@@ -39,6 +39,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.log_every = 10                # steps between train metric rows
   c.eval_every = 100              # steps between evaluations; 0 disables
   c.eval_batches = 8              # validation batches per evaluation
+  c.eval_at_start = False         # also evaluate before the first step of a fresh run: a fine-tune's starting point
   c.eval_tasks = ''               # comma-separated mc:FILE.jsonl / gen:FILE.jsonl (lmlab/eval/tasks.py) run at every
                                   # evaluation on decoders; metrics as eval/<task>/<metric> (one process only)
   c.checkpoint_every = 200        # steps between checkpoints; 0 disables

@@ -147,6 +147,8 @@ class Trainer:
     c = self.config
     progress = _progress(int(state.step), c.steps, enabled=c.progress and self.is_main)
     pending, tick, last_eval = None, time.time(), {}
+    if c.eval_at_start and c.eval_every and int(state.step) == 0:
+      self._evaluate_and_log(state, 0, progress)
     for step in range(int(state.step), c.steps):
       batch, host_metrics = self.task.next_batch(state, train_iter)
       state, step_metrics = self.parts.train_step(state, pipeline.to_global(batch, self.parts.mesh))
@@ -161,10 +163,7 @@ class Trainer:
         self._report(*pending, progress)
         pending = None
       if evaluate:
-        last_eval = self.evaluate(state)
-        self.writer.write(done, last_eval)
-        if self.is_main:  # tqdm's write prints even when the bar is disabled
-          progress.write(f'step {done}: {step_lib.describe_eval(last_eval)}')
+        last_eval = self._evaluate_and_log(state, done, progress)
       eval_loss = last_eval.get('eval_loss') if evaluate else None
       if stop:
         progress.close()
@@ -178,6 +177,13 @@ class Trainer:
       self._report(*pending, progress)
     progress.close()
     return state, last_eval
+
+  def _evaluate_and_log(self, state, step, progress) -> dict:
+    metrics = self.evaluate(state)
+    self.writer.write(step, metrics)
+    if self.is_main:  # tqdm's write prints even when the bar is disabled
+      progress.write(f'step {step}: {step_lib.describe_eval(metrics)}')
+    return metrics
 
   def _report(self, step, step_metrics, tick, progress):
     values = jax.device_get(step_metrics)

@@ -120,8 +120,11 @@ def summarize_eval(sums) -> dict:
 
 
 def describe_eval(metrics: dict) -> str:
-  """One progress line of eval metrics: loss and bits/byte (language models) or accuracy and macro-F1 (classifiers)."""
+  """One progress line of eval metrics: loss and bits/byte (language models) or accuracy and macro-F1 (classifiers),
+  and GRPO's held-out exact match."""
   parts = [f'eval loss {metrics["eval_loss"]:.4f}']
-  names = {'eval_bits_per_byte': 'bits/byte', 'eval_accuracy': 'accuracy', 'eval_macro_f1': 'macro-F1'}
+  names = {'eval_bits_per_byte': 'bits/byte', 'eval_accuracy': 'accuracy', 'eval_macro_f1': 'macro-F1',
+           'eval_exact_match': 'exact match'}
   shown = ('eval_bits_per_byte',) if 'eval_bits_per_byte' in metrics else ('eval_accuracy', 'eval_macro_f1')
+  shown += ('eval_exact_match',)
   return ', '.join(parts + [f'{names[k]} {metrics[k]:.4f}' for k in shown if k in metrics])
