@@ -232,6 +232,23 @@ def test_sigmoid_bias_gets_no_gradient_and_moves_toward_underloaded_experts():
   assert np.all((new_bias - bias)[load_XN < 0.25] > 0) and np.all((new_bias - bias)[load_XN > 0.25] < 0)
 
 
+@pytest.mark.parametrize('router, trains', [({}, False), ({'router': 'switch'}, True), ({'renormalize': False}, True)])
+def test_a_renormalised_top1_router_gets_no_gradient_from_the_loss_and_is_refused(router, trains):
+  """Renormalised top-1 gives every token weight p / p = 1: the output cannot depend on the router's values. Switch
+  (and renormalize=False) keeps p, so the loss reaches the router. Training refuses the first in one line."""
+  c = config(top_k=1, aux_loss_weight=0.0, z_loss_weight=0.0, **router)
+  x_BLD, segment_ids_BL = inputs()
+  variables = init_params(c, x_BLD, segment_ids_BL)
+  _, _, (grads, _) = output_and_grads(c, variables, x_BLD, segment_ids_BL)
+  assert (float(jnp.abs(grads['router']).max()) > 1e-4) == trains
+  if trains:
+    moe.check_router_trains(c.moe)
+  else:
+    with pytest.raises(ValueError, match='set model.moe.router=switch') as e:
+      moe.check_router_trains(c.moe)
+    assert '\n' not in str(e.value)
+
+
 @pytest.mark.parametrize('dispatch', ['capacity', 'dropless', 'reference'])
 def test_zero_computation_experts_return_their_input(dispatch):
   # Slots 0, 1 compute; slots 2, 3 are identity experts. The router sends every token to slot 2.

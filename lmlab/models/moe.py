@@ -51,6 +51,15 @@ def num_selected(m: MoeConfig) -> int:
   return 1 if m.router == 'switch' else m.top_k
 
 
+def check_router_trains(m: MoeConfig) -> None:
+  """Refuses, before training, a router the loss cannot train: renormalised softmax top-1 weights every token's
+  expert by exactly 1, so only the auxiliary losses would move the router (Switch keeps the top-1 probability)."""
+  if m.num_experts and m.router == 'softmax' and m.renormalize and m.top_k == 1:
+    raise ValueError('model.moe.top_k=1 with the renormalised softmax router weights every expert output by 1, so '
+                     'the loss never trains the router; set model.moe.router=switch (the top-1 probability, as '
+                     'Switch does) or model.moe.renormalize=False')
+
+
 def route(logits_TN, bias_N, m: MoeConfig):
   """(choice_TK, weights_TK, probs_TN) from float32 router logits; bias only steers the choice."""
   K = num_selected(m)

@@ -9,7 +9,7 @@ import jax
 from jax.sharding import Mesh
 
 from lmlab import sharding
-from lmlab.models import ModelConfig
+from lmlab.models import ModelConfig, moe
 from lmlab.train import optim, state as state_lib, step as step_lib, task as task_lib
 
 
@@ -57,6 +57,7 @@ def build(config, devices=None, task=None) -> TrainingParts:
     raise ValueError(f'finetune.task={config.finetune.task} needs its task: pass '
                      'lmlab.finetune.tasks.make_task(config) as `task` (experiments.finetune does)')
   task = task or task_lib.LanguageModelTask(config)
+  moe.check_router_trains(task.model_config.moe)
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   rules = sharding.rules_from_config(config.sharding_rules)
   if config.batch_size % config.microbatches:
