@@ -8,4 +8,6 @@ bash launch/setup_env.sh test,parity
 if [ ! -x /usr/bin/chromium ]; then
   (apt-get update -qq && apt-get install -y -qq chromium) || echo 'no chromium (needs root): its test skips'
 fi
-.venv/bin/python -m pytest tests -n 2 -q "$@"
+# --dist loadfile: a module's tests share one worker, so its module fixtures (trained bases, compiled policies) are
+# built once, not once per worker.
+.venv/bin/python -m pytest tests -n 2 --dist loadfile -q "$@"

