@@ -205,6 +205,20 @@ def test_results_group_seeds_with_mean_and_standard_error_and_list_failures(tmp_
   assert sorted(os.listdir(tmp_path / 'plots')) == ['eval_loss_curves.png', 'eval_loss_vs_k.png']
 
 
+def test_a_zip_group_is_one_plot_axis(tmp_path):
+  """Keys that move together are plotted as one axis of their rows, not each against the other as lines."""
+  ids = []
+  for k, router in ((1, 'switch'), (2, 'softmax'), (4, 'softmax')):
+    for seed in (0, 1):
+      ids.append(f'{k}{seed}')
+      write_run(tmp_path, ids[-1], {'k': k, 'router': router}, seed, {'eval_loss': 2.0 / k + seed})
+  with open(tmp_path / 'sweep.json', 'w') as f:
+    json.dump({'config': 'p.py', 'keys': ['k', 'router'], 'zip': [{'k': [1, 2, 4], 'router': ['switch', 'softmax',
+              'softmax']}], 'runs': ids, 'trend': ''}, f)
+  collect.collect(str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'plots')) == ['eval_loss_curves.png', 'eval_loss_vs_k+router.png']
+
+
 def test_local_sweep_collects_every_run(local_sweep):
   spec = sweep_spec()
   rows = read_csv(local_sweep)

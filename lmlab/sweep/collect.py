@@ -119,9 +119,16 @@ def write_markdown(meta: dict, rows: list[dict], root: str, path: str) -> None:
     f.write('\n'.join(lines) + '\n')
 
 
+def axes(meta: dict) -> list[tuple]:
+  """What a plot's x axis can be: each grid key alone, and each zip group as one axis (its keys move together, so
+  splitting lines by one of them against another would only show each point alone)."""
+  zipped = [tuple(group) for group in meta.get('zip') or []]
+  return [(key,) for key in meta['keys'] if not any(key in group for group in zipped)] + zipped
+
+
 def plot(meta: dict, rows: list[dict], root: str, plot_dir: str) -> list[str]:
-  """Metric vs each swept key (one line per setting of the other keys, error bars over seeds) and the eval-loss
-  curves of every group, averaged over seeds; returns the files written."""
+  """Metric vs each swept axis (a key, or a zip group's row; one line per setting of the other keys, error bars over
+  seeds) and the eval-loss curves of every group, averaged over seeds; returns the files written."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -129,28 +136,28 @@ def plot(meta: dict, rows: list[dict], root: str, plot_dir: str) -> list[str]:
   keys, written = meta['keys'], []
   finished = [r for r in rows if r['status'] == 'finished']
   metrics = [m for m in ('eval_loss', 'moe/dropped_fraction', 'moe/z_loss') if any(r.get(m) is not None for r in finished)]
-  for key in keys:
-    others = [k for k in keys if k != key]
-    values = list(dict.fromkeys(r[key] for r in finished))
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    position = {v: (v if numeric else i) for i, v in enumerate(values)}
+  for axis in axes(meta):
+    others = [k for k in keys if k not in axis]
+    values = list(dict.fromkeys(tuple(r[k] for k in axis) for r in finished))
+    numeric = len(axis) == 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for (v,) in values)
+    position = {v: (v[0] if numeric else i) for i, v in enumerate(values)}
     for metric in metrics:
       fig, ax = plt.subplots(figsize=(6, 4))
       for rest, members in groups(finished, others).items():
         points = sorted((position[v], *mean_and_stderr([m.get(metric) for m in group]))
-                        for (v,), group in groups(members, [key]).items())
+                        for v, group in groups(members, list(axis)).items())
         x, y, err = zip(*points)
         ax.errorbar(x, y, yerr=[0 if math.isnan(e) else e for e in err], marker='o', capsize=3,
                     label=', '.join(f'{k}={v}' for k, v in zip(others, rest)) or None)
       if not numeric:
-        ax.set_xticks(list(position.values()), [str(v) for v in position])
-      ax.set_xlabel(key)
+        ax.set_xticks(list(position.values()), ['\n'.join(map(str, v)) for v in position])
+      ax.set_xlabel(' / '.join(axis))
       ax.set_ylabel(metric)
       ax.grid(alpha=0.3)
       if others:
         ax.legend(fontsize=7)
       fig.tight_layout()
-      written.append(os.path.join(plot_dir, f'{metric.replace("/", "_")}_vs_{key}.png'))
+      written.append(os.path.join(plot_dir, f'{metric.replace("/", "_")}_vs_{"+".join(axis)}.png'))
       fig.savefig(written[-1], dpi=110)
       plt.close(fig)
   fig, ax = plt.subplots(figsize=(7, 4))
