@@ -149,9 +149,11 @@ def plot(meta: dict, rows: list[dict], root: str, plot_dir: str) -> list[str]:
         x, y, err = zip(*points)
         ax.errorbar(x, y, yerr=[0 if math.isnan(e) else e for e in err], marker='o', capsize=3,
                     label=', '.join(f'{k}={v}' for k, v in zip(others, rest)) or None)
+      short = [k.rsplit('.', 1)[-1] for k in axis]  # model.moe.top_k -> top_k
       if not numeric:
-        ax.set_xticks(list(position.values()), ['\n'.join(map(str, v)) for v in position])
-      ax.set_xlabel(' / '.join(axis))
+        ax.set_xticks(list(position.values()), ['\n'.join(f'{k}={v}' for k, v in zip(short, row)) if len(axis) > 1
+                                                else str(row[0]) for row in position])
+      ax.set_xlabel(axis[0] if len(axis) == 1 else 'zip group: ' + ', '.join(short))
       ax.set_ylabel(metric)
       ax.grid(alpha=0.3)
       if others:
