@@ -206,7 +206,8 @@ def test_results_group_seeds_with_mean_and_standard_error_and_list_failures(tmp_
 
 
 def test_a_zip_group_is_one_plot_axis(tmp_path):
-  """Keys that move together are plotted as one axis of their rows, not each against the other as lines."""
+  """Keys that move together are plotted as one axis of their rows, not each against the other as lines; plots of
+  axes no longer swept are removed."""
   ids = []
   for k, router in ((1, 'switch'), (2, 'softmax'), (4, 'softmax')):
     for seed in (0, 1):
@@ -215,6 +216,8 @@ def test_a_zip_group_is_one_plot_axis(tmp_path):
   with open(tmp_path / 'sweep.json', 'w') as f:
     json.dump({'config': 'p.py', 'keys': ['k', 'router'], 'zip': [{'k': [1, 2, 4], 'router': ['switch', 'softmax',
               'softmax']}], 'runs': ids, 'trend': ''}, f)
+  os.makedirs(tmp_path / 'plots')
+  (tmp_path / 'plots' / 'eval_loss_vs_k.png').write_bytes(b'')  # left by an earlier spec that swept k alone
   collect.collect(str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'plots')) == ['eval_loss_curves.png', 'eval_loss_vs_k+router.png']
 

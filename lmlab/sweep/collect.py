@@ -189,5 +189,9 @@ def collect(root: str) -> list[dict]:
   meta, rows = read_sweep(root)
   write_csv(rows, os.path.join(root, 'results.csv'))
   write_markdown(meta, rows, root, os.path.join(root, 'results.md'))
-  plot(meta, rows, root, os.path.join(root, 'plots'))
+  plot_dir = os.path.join(root, 'plots')
+  written = plot(meta, rows, root, plot_dir)
+  for name in os.listdir(plot_dir):  # a plot of an axis the spec no longer sweeps would pass for a current one
+    if name.endswith('.png') and os.path.join(plot_dir, name) not in written:
+      os.remove(os.path.join(plot_dir, name))
   return rows
