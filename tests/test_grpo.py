@@ -77,7 +77,8 @@ def grpo_config(workdir_steps, **overrides):
 
 @pytest.fixture(scope='module')
 def grpo_runs(tmp_path_factory):
-  """(metrics rows, final params) of 4 uninterrupted steps and of a run resumed from the first one's step 2."""
+  """(metrics rows, final params) of 4 uninterrupted steps and of a run resumed from the first one's step 2, and
+  their root directory."""
   from lmlab.finetune import trainer  # pylint: disable=g-import-not-at-top
   from lmlab.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('grpo')
@@ -87,11 +88,12 @@ def grpo_runs(tmp_path_factory):
                 str(root / name))
     state = ocp.PyTreeCheckpointer().restore(str(root / name / 'checkpoints' / '4' / 'state'))
     out.append((metrics_lib.read_rows(str(root / name / 'metrics.jsonl')), state['params']))
-  return out
+  return out, root
 
 
 def test_grpo_task_logs_its_metrics_and_resumes_exactly(grpo_runs):
-  (straight, params), (resumed, resumed_params) = grpo_runs
+  ((straight, params), (resumed, resumed_params)), root = grpo_runs
+  assert (root / 'straight' / 'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'  # with reward and exact match
   train = [r for r in straight if 'loss' in r]
   assert [r['step'] for r in train] == [1, 2, 3, 4]
   for key in ('grpo/reward_mean', 'grpo/reward_std', 'grpo/kl', 'grpo/clipped', 'grpo/response_length',

@@ -99,7 +99,8 @@ def expert_load(row: dict) -> np.ndarray | None:
 
 
 def plot_loss(rows: list[dict], path: str, baseline: float | None = None) -> None:
-  """Train and eval loss against step, with the unigram entropy of the validation tokens as the line to beat."""
+  """Train and eval loss against step, with the unigram entropy of the validation tokens as the line to beat; GRPO
+  runs add their sampled reward and held-out exact match on a second axis (their surrogate loss stays near 0)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -113,7 +114,19 @@ def plot_loss(rows: list[dict], path: str, baseline: float | None = None) -> Non
   ax.set_xlabel('step')
   ax.set_ylabel('loss (nats / token)')
   ax.grid(alpha=0.3)
-  ax.legend()
+  handles, labels = ax.get_legend_handles_labels()
+  scores = {key: [(r['step'], r[key]) for r in rows if key in r] for key in ('grpo/reward_mean', 'eval_exact_match')}
+  if any(scores.values()):
+    right = ax.twinx()
+    for (key, points), color, label in zip(scores.items(), ('tab:green', 'tab:red'),
+                                           ('sampled reward (mean)', 'held-out exact match')):
+      if points:
+        right.plot(*zip(*points), color=color, label=label, alpha=0.5 if key.startswith('grpo') else 1.0,
+                   marker=None if key.startswith('grpo') else 'o')
+    right.set_ylabel('reward / exact match')
+    more_handles, more_labels = right.get_legend_handles_labels()
+    handles, labels = handles + more_handles, labels + more_labels
+  ax.legend(handles, labels, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
