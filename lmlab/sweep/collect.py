@@ -141,6 +141,7 @@ def plot(meta: dict, rows: list[dict], root: str, plot_dir: str) -> list[str]:
     values = list(dict.fromkeys(tuple(r[k] for k in axis) for r in finished))
     numeric = len(axis) == 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for (v,) in values)
     position = {v: (v[0] if numeric else i) for i, v in enumerate(values)}
+    short = [k.rsplit('.', 1)[-1] for k in axis]  # model.moe.top_k -> top_k
     for metric in metrics:
       fig, ax = plt.subplots(figsize=(6, 4))
       for rest, members in groups(finished, others).items():
@@ -149,7 +150,6 @@ def plot(meta: dict, rows: list[dict], root: str, plot_dir: str) -> list[str]:
         x, y, err = zip(*points)
         ax.errorbar(x, y, yerr=[0 if math.isnan(e) else e for e in err], marker='o', capsize=3,
                     label=', '.join(f'{k}={v}' for k, v in zip(others, rest)) or None)
-      short = [k.rsplit('.', 1)[-1] for k in axis]  # model.moe.top_k -> top_k
       if not numeric:
         ax.set_xticks(list(position.values()), ['\n'.join(f'{k}={v}' for k, v in zip(short, row)) if len(axis) > 1
                                                 else str(row[0]) for row in position])

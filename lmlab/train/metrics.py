@@ -98,6 +98,13 @@ def expert_load(row: dict) -> np.ndarray | None:
   return np.array([v for _, v in layers]) if layers else None
 
 
+# Scores beside the loss, on plot_loss's second axis: GRPO's per-step sampled reward and its held-out exact match.
+SCORE_LINES = {
+    'grpo/reward_mean': {'label': 'sampled reward (mean)', 'color': 'tab:green', 'alpha': 0.5},
+    'eval_exact_match': {'label': 'held-out exact match', 'color': 'tab:red', 'marker': 'o'},
+}
+
+
 def plot_loss(rows: list[dict], path: str, baseline: float | None = None) -> None:
   """Train and eval loss against step, with the unigram entropy of the validation tokens as the line to beat; GRPO
   runs add their sampled reward and held-out exact match on a second axis (their surrogate loss stays near 0)."""
@@ -115,14 +122,12 @@ def plot_loss(rows: list[dict], path: str, baseline: float | None = None) -> Non
   ax.set_ylabel('loss (nats / token)')
   ax.grid(alpha=0.3)
   handles, labels = ax.get_legend_handles_labels()
-  scores = {key: [(r['step'], r[key]) for r in rows if key in r] for key in ('grpo/reward_mean', 'eval_exact_match')}
-  if any(scores.values()):
+  series = {key: [(r['step'], r[key]) for r in rows if key in r] for key in SCORE_LINES}
+  if any(series.values()):
     right = ax.twinx()
-    for (key, points), color, label in zip(scores.items(), ('tab:green', 'tab:red'),
-                                           ('sampled reward (mean)', 'held-out exact match')):
+    for key, points in series.items():
       if points:
-        right.plot(*zip(*points), color=color, label=label, alpha=0.5 if key.startswith('grpo') else 1.0,
-                   marker=None if key.startswith('grpo') else 'o')
+        right.plot(*zip(*points), **SCORE_LINES[key])
     right.set_ylabel('reward / exact match')
     more_handles, more_labels = right.get_legend_handles_labels()
     handles, labels = handles + more_handles, labels + more_labels
